@@ -1,0 +1,60 @@
+"""CBAM (Woo et al. 2018) as the A-SKD code uses it, exposing the pre-sigmoid maps."""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from askd_jax.models.layers import conv
+
+Dtype = Any
+
+
+class ChannelAttention(nn.Module):
+  """Shared MLP over avg- and max-pooled features; returns (x * sigmoid(a), a), a: (B, C)."""
+  reduction: int = 16
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    b, c = x.shape[0], x.shape[-1]
+    hidden = max(c // self.reduction, 1)
+    dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                     kernel_init=nn.initializers.xavier_uniform(), name=name)
+    # One matmul for both pooled vectors: (2B, C) -> (2B, C/r) -> (2B, C).
+    pooled = jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], axis=0)
+    h = dense(c, "fc2")(nn.relu(dense(hidden, "fc1")(pooled)))
+    att = (h[:b] + h[b:]).astype(jnp.float32)  # (B, C), pre-sigmoid
+    return x * jax.nn.sigmoid(att).astype(x.dtype)[:, None, None, :], att
+
+
+class SpatialAttention(nn.Module):
+  """conv(concat(mean_c, max_c)) -> (x * sigmoid(s), s), s: (B, H, W).
+
+  kernel_size 3 in the A-SKD iResNet, 7 in the original CBAM (ResNet, TinaFace).
+  """
+  kernel_size: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    pooled = jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True),
+                              jnp.max(x, axis=-1, keepdims=True)], axis=-1)
+    att = conv(1, self.kernel_size, dtype=self.dtype, name="conv")(pooled)[..., 0]
+    att = att.astype(jnp.float32)  # (B, H, W), pre-sigmoid
+    return x * jax.nn.sigmoid(att).astype(x.dtype)[..., None], att
+
+
+class CBAM(nn.Module):
+  """Channel then spatial attention; returns (out, channel_map, spatial_map)."""
+  reduction: int = 16
+  spatial_kernel: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x, ca = ChannelAttention(self.reduction, self.dtype, name="channel")(x)
+    x, sa = SpatialAttention(self.spatial_kernel, self.dtype, name="spatial")(x)
+    return x, ca, sa
