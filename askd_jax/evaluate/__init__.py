@@ -1,0 +1,1 @@
+"""askd_jax.evaluate."""
