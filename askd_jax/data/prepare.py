@@ -1,0 +1,53 @@
+"""Prepare face data sets from the files you hold (nothing is downloaded).
+
+    python -m askd_jax.data.prepare --dataset=casia --manual_dir=DIR --data_dir=DATA_DIR
+    python -m askd_jax.data.prepare --dataset=lfw,agedb_30,cfp_fp --manual_dir=DIR --data_dir=DATA_DIR
+
+--dataset (comma-separated): casia, ms1m, rec (insightface train.rec/.idx), casia_list, list
+(image folder + list file), lfw, agedb_30, cfp_fp, cfp_ff, calfw, cplfw, vgg2_fp (insightface
+.bin), tinyface. Writes array_record under DATA_DIR; see docs/datasets.md.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+
+from askd_jax.data import faces
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("dataset", None, f"one or more of {sorted(faces.DATASETS)}")
+flags.DEFINE_string("manual_dir", None, "folder holding the files as distributed")
+flags.DEFINE_string("data_dir", None, "where the prepared array_record sets go")
+flags.DEFINE_enum("on_corrupt", "skip", list(faces.ON_CORRUPT),
+                  "undecodable image: skip (counted in the metadata), error, keep (no check)")
+flags.DEFINE_string("list_file", None, "list/casia_list: the list file (default "
+                    "MANUAL_DIR/train.list)")
+flags.DEFINE_string("bin_file", None, "a verification set: the .bin (default "
+                    "MANUAL_DIR/<dataset>.bin)")
+
+
+def main(argv):
+  del argv
+  for name in ("dataset", "manual_dir", "data_dir"):
+    if not getattr(FLAGS, name):
+      raise app.UsageError(f"--{name} is required")
+  for dataset in FLAGS.dataset:
+    if dataset not in faces.DATASETS:
+      raise app.UsageError(f"--dataset={dataset}: use one of {sorted(faces.DATASETS)}")
+    kwargs = {"on_corrupt": FLAGS.on_corrupt}
+    cls = faces.DATASETS[dataset][0]
+    if cls is faces.FaceImageList and FLAGS.list_file:
+      kwargs["list_file"] = FLAGS.list_file
+    if cls is faces.FaceVerification and FLAGS.bin_file:
+      if len(FLAGS.dataset) > 1:
+        raise app.UsageError("--bin_file names one .bin: prepare one --dataset at a time")
+      kwargs["bin_file"] = FLAGS.bin_file
+    try:
+      b = faces.prepare(dataset, FLAGS.manual_dir, FLAGS.data_dir, **kwargs)
+    except (OSError, ValueError) as e:  # one line naming the file, no traceback
+      raise SystemExit(f"prepare --dataset={dataset}: {e}") from None
+    splits = {k: v.num_examples for k, v in b.info.splits.items()}
+    print(f"{dataset}: {b.data_dir} {splits} {dict(b.info.metadata)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,80 @@
+"""results.json, results.md (methods x resolutions, as the paper's tables) and a plot."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List
+
+METHOD_NAMES = {"teacher": "Teacher (HR-trained)", "none": "Student, no distillation",
+                "askd": "Student, A-SKD", "at": "Student, AT", "fkd": "Student, F-KD",
+                "horkd": "Student, HORKD"}
+
+
+def _res_key(r: str) -> tuple:
+  return (0, 0) if r == "HR" else (1, -int(str(r).split("/")[0]))
+
+
+def write_report(workdir: str, rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+  """rows: {method, eval_resolution, set, accuracy, std, stage}. Returns the markdown table."""
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=2, sort_keys=True)
+  md = markdown_table(rows, meta)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(md)
+  try:
+    plot(rows, os.path.join(workdir, "results.png"))
+  except Exception as e:  # a missing plotting backend must not lose the results
+    print(f"warning: could not draw results.png ({type(e).__name__}: {e})")
+  return md
+
+
+def markdown_table(rows, meta) -> str:
+  sets = sorted({r["set"] for r in rows})
+  res = sorted({r["eval_resolution"] for r in rows}, key=_res_key)
+  methods = [m for m in METHOD_NAMES if any(r["method"] == m for r in rows)]
+  out = [f"# Results: {meta.get('preset', '')}", ""]
+  if meta.get("description"):
+    out += [meta["description"], ""]
+  for s in sets:
+    cap = meta.get("caption") or "Verification accuracy (%) on `{set}`, 10-fold mean +- std"
+    out += [cap.format(set=s) + "; columns: the resolution the model sees at test time.", ""]
+    out.append("| method | " + " | ".join(f"{c} px" if c != "HR" else "HR" for c in res) + " |")
+    out.append("|---|" + "---|" * len(res))
+    for m in methods:
+      cells = []
+      for c in res:
+        hit = [r for r in rows if r["method"] == m and r["eval_resolution"] == c and r["set"] == s]
+        if hit and hit[0].get("std") is not None:
+          cells.append(f"{100 * hit[0]['accuracy']:.2f} +- {100 * hit[0]['std']:.2f}")
+        else:
+          cells.append(f"{100 * hit[0]['accuracy']:.2f}" if hit else "")
+      out.append(f"| {METHOD_NAMES[m]} | " + " | ".join(cells) + " |")
+    out.append("")
+  if meta.get("elapsed_s") is not None:
+    out.append(f"Total wall time: {meta['elapsed_s'] / 60:.1f} min on {meta.get('machine', '?')}.")
+  return "\n".join(out) + "\n"
+
+
+def plot(rows, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  sets = sorted({r["set"] for r in rows})
+  fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+  for ax, s in zip(axes[0], sets):
+    for m in METHOD_NAMES:
+      pts = sorted([r for r in rows if r["method"] == m and r["set"] == s],
+                   key=lambda r: _res_key(r["eval_resolution"]), reverse=True)
+      if not pts:
+        continue
+      xs = [str(p["eval_resolution"]) for p in pts]
+      ax.errorbar(xs, [100 * p["accuracy"] for p in pts], yerr=[100 * (p.get("std") or 0) for p in pts],
+                  marker="o", capsize=3, label=METHOD_NAMES[m])
+    ax.set_xlabel("test resolution (px)")
+    ax.set_ylabel("verification accuracy (%)")
+    ax.set_title(s)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,63 @@
+"""What the train loop asks of a task. A task supplies the model, data, loss and evaluator."""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+class Task:
+  name = "task"
+  num_train_examples: int = 0
+  input_size: int = 112
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  # --- model -------------------------------------------------------------------------
+  def model(self, dtype=jnp.float32, spec: Dict[str, Any] | None = None):
+    raise NotImplementedError
+
+  def spec(self) -> Dict[str, Any]:
+    """The model description written beside its checkpoints (model.json)."""
+    raise NotImplementedError
+
+  def check_teacher(self, tspec: Dict[str, Any], path: str) -> None:
+    mine = self.spec()
+    for k in ("task", "arch", "input_size"):
+      if tspec.get(k) != mine.get(k):
+        raise ValueError(f"teacher {path} has {k}={tspec.get(k)!r} but this run needs "
+                         f"{k}={mine.get(k)!r}; point student.teacher at a matching checkpoint")
+
+  # --- one batch -----------------------------------------------------------------------
+  def preprocess(self, batch) -> jax.Array:
+    """uint8 NHWC -> float32 in [-1, 1] (the official (x / 255 - 0.5) / 0.5)."""
+    return batch["image"].astype(jnp.float32) * (1.0 / 127.5) - 1.0
+
+  def sample_batch(self, n: int) -> Dict[str, np.ndarray]:
+    s = self.input_size
+    return {"image": np.zeros((n, s, s, 3), np.uint8), "label": np.zeros((n,), np.int32)}
+
+  def forward(self, model, variables, x, batch, *, train: bool, rngs=None):
+    """((outputs, Features), new_model_state)."""
+    if train:
+      return model.apply(variables, x, batch.get("label"), train=True, rngs=rngs,
+                         mutable=["batch_stats"])
+    return model.apply(variables, x, None, train=False), {}
+
+  def loss(self, outputs, batch) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    logits = outputs["logits"].astype(jnp.float32)
+    labels = batch["label"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    acc = (jnp.argmax(logits, -1) == labels).mean()
+    return ce, {"accuracy": acc}
+
+  # --- data and evaluation ---------------------------------------------------------------
+  def train_loader(self, global_batch: int, seed: int):
+    raise NotImplementedError
+
+  def evaluate(self, model, variables, stage, sizes) -> Dict[str, Any]:
+    raise NotImplementedError

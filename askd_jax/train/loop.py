@@ -1,0 +1,265 @@
+"""One train loop for every task and stage: read it top to bottom.
+
+A stage is the teacher (high resolution, no distillation) or a student (low resolution,
+a frozen teacher, one distillation method). Re-running the same command skips finished
+stages and resumes an unfinished one from its newest checkpoint, bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from askd_jax import distill as distill_lib
+from askd_jax.data import degrade as degrade_lib
+from askd_jax.train import checkpoint as ckpt_lib
+from askd_jax.train import sharding as shd
+from askd_jax.train import state_io
+from askd_jax.train.optim import sgd_torch, step_schedule, cosine_schedule
+from askd_jax.train.step import init_state, make_train_step
+
+log = logging.getLogger(__name__)
+DONE = "DONE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str                      # directory name under the workdir
+  kind: str                      # 'teacher' | 'student'
+  method: str = "none"           # distillation method (students)
+  sizes: Sequence[int] = ()      # low-resolution sizes a student sees (one drawn per sample)
+  teacher: Optional[str] = None  # teacher model directory (students)
+
+  @property
+  def resolution(self) -> str:
+    return "HR" if self.kind == "teacher" else "/".join(str(s) for s in self.sizes)
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT: the step finished, a checkpoint was written, resume by re-running."""
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+class _SignalFlag:
+  def __init__(self):
+    self.caught = None
+
+  def __enter__(self):
+    self._old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in self._old:
+      signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.caught = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+
+def stage_done(workdir: str, stage: Stage) -> bool:
+  return os.path.exists(os.path.join(workdir, stage.name, DONE))
+
+
+def _schedule(tcfg, steps_per_epoch, total_steps):
+  if tcfg.get("schedule", "step") == "cosine":
+    return cosine_schedule(tcfg.lr, total_steps, int(tcfg.get("warmup_epochs", 0) * steps_per_epoch))
+  bounds = [e * total_steps / (tcfg.epochs * steps_per_epoch) for e in tcfg.lr_boundaries]
+  return step_schedule(tcfg.lr, steps_per_epoch, bounds, tcfg.get("lr_factor", 0.1),
+                       tcfg.get("warmup_epochs", 0.0))
+
+
+def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=True,
+                writer_factory=None) -> str:
+  """Train one stage to completion (or resume it). Returns the stage directory."""
+  stage_dir = os.path.join(workdir, stage.name)
+  if stage_done(workdir, stage):
+    log.info("stage %s already finished; skipping", stage.name)
+    return stage_dir
+  mesh = mesh or shd.make_mesh()
+  tcfg = cfg.train
+  n_dev = mesh.devices.size
+  gbatch = tcfg.batch_size
+  if gbatch % n_dev:
+    raise ValueError(f"train.batch_size={gbatch} is not divisible by the {n_dev} devices; "
+                     f"use a multiple of {n_dev}")
+  steps_per_epoch = max(task.num_train_examples // gbatch, 1)
+  total_steps = tcfg.get("steps", 0) or int(round(tcfg.epochs * steps_per_epoch))
+  dtype = jnp.dtype(cfg.get("dtype", "float32"))
+  model = task.model(dtype=dtype)
+  tx = sgd_torch(_schedule(tcfg, steps_per_epoch, total_steps), tcfg.momentum,
+                 tcfg.weight_decay, tcfg.get("nesterov", True))
+
+  # The frozen teacher (students only).
+  teacher_model = teacher_vars = None
+  meta = {"stage": stage.name, "config_hash": cfg_hash(cfg)}
+  if stage.kind == "student":
+    teacher_vars, tspec = ckpt_lib.load_model(stage.teacher)
+    task.check_teacher(tspec, stage.teacher)
+    teacher_model = task.model(dtype=dtype, spec=tspec)
+    meta["teacher"] = {"path": os.path.abspath(stage.teacher),
+                       "params_hash": ckpt_lib.params_hash(teacher_vars["params"])}
+
+  repl, bshard = shd.replicated(mesh), shd.batch_sharding(mesh)
+  seed = cfg.get("seed", 0)
+  init_key = jax.random.fold_in(jax.random.key(seed), _stage_salt(stage.name))
+
+  def init_fn(key):
+    k_param, k_drop, k_state = jax.random.split(key, 3)
+    sample = task.sample_batch(2)
+    variables = model.init({"params": k_param, "dropout": k_drop},
+                           task.preprocess(sample), sample.get("label"), train=True)
+    return init_state(variables["params"], variables.get("batch_stats", {}), tx, k_state)
+
+  abstract = jax.eval_shape(init_fn, init_key)
+  state_sh = shd.state_shardings(abstract, mesh, cfg.get("shard_params_min_size", 0))
+  mgr = state_io.manager(os.path.join(stage_dir, "checkpoints"), keep=tcfg.get("keep", 2))
+  restored = state_io.restore_latest(
+      mgr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, state_sh))
+  data_state = None
+  if restored is None:
+    state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
+  else:
+    step0, state, data_state, old_meta = restored
+    if old_meta.get("teacher") != meta.get("teacher"):
+      raise ValueError(
+          f"{stage_dir}: this student was trained against teacher {old_meta.get('teacher')}, "
+          f"but the config now gives {meta.get('teacher')}; restore that teacher or start "
+          "the stage in a new workdir")
+    log.info("resuming %s from step %d", stage.name, step0)
+  if teacher_vars is not None:
+    teacher_vars = jax.device_put(teacher_vars, repl)
+
+  degrade_fn = (degrade_lib.make_degrade(student_degrade_cfg(cfg.student, stage.sizes))
+                if stage.kind == "student" else None)
+  dname = stage.method if stage.kind == "student" else "none"
+  distill_fn = distill_lib.get(dname) if dname != "none" else None
+  dcfg = cfg.distill.get(dname, {}) if distill_fn else None
+  step_fn = make_train_step(task=task, model=model, tx=tx, teacher_model=teacher_model,
+                            distill_fn=distill_fn, distill_cfg=dcfg, degrade_fn=degrade_fn)
+  jstep = jax.jit(step_fn, in_shardings=(state_sh, repl, bshard), out_shardings=(state_sh, repl),
+                  donate_argnums=(0,))
+
+  loader = task.train_loader(gbatch, seed=seed + _stage_salt(stage.name))
+  it = iter(loader)
+  if data_state is not None:
+    it.set_state(data_state)
+
+  is_main = jax.process_index() == 0
+  writer = writer_factory(stage.name) if (writer_factory and is_main) else None
+  bar = _progress(progress and is_main, stage.name, total_steps, int(state.step))
+  nan_policy = tcfg.get("nan_policy", "stop")
+  log_every, ck_every = tcfg.get("log_every", 10), tcfg.get("checkpoint_every", 0)
+  last_t, last_step, start_step = time.time(), int(state.step), int(state.step)
+  compile_s = None
+
+  def save(step):
+    _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
+    state_io.save(mgr, step, state, it.get_state(), meta)
+
+  with _SignalFlag() as sig:
+    step = int(state.step)
+    while step < total_steps:
+      batch = shd.global_batch(next(it), bshard)
+      t0 = time.time()
+      state, metrics = jstep(state, teacher_vars, batch)
+      step += 1
+      if compile_s is None:
+        jax.block_until_ready(metrics)
+        compile_s = time.time() - t0
+        last_t, last_step = time.time(), step
+      if step % log_every == 0 or step == total_steps or sig.caught:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        m["images_per_s"] = (step - last_step) * gbatch / max(now - last_t, 1e-9)
+        last_t, last_step = now, step
+        _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
+        if bar is not None:
+          bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m.get('accuracy', float('nan')):.3f}",
+                          img_s=f"{m['images_per_s']:.1f}")
+        if writer is not None:
+          for k, v in m.items():
+            writer.add_scalar(f"{stage.name}/{k}", v, step)
+          writer.flush()
+      if bar is not None:
+        bar.update(1)
+      if ck_every and step % ck_every == 0 and step < total_steps:
+        save(step)
+      if sig.caught:
+        save(step)
+        if bar is not None:
+          bar.close()
+        raise Preempted(f"{sig.caught} received: stage {stage.name} stopped after step {step} "
+                        f"and saved a checkpoint in {stage_dir}; run the same command again to "
+                        "resume")
+    if int(state.step) not in mgr.all_steps():
+      save(int(state.step))
+  if bar is not None:
+    bar.close()
+  spec = dict(task.spec(), stage=stage.name, kind=stage.kind, method=stage.method,
+              sizes=list(stage.sizes), compile_seconds=compile_s,
+              trained_steps=total_steps, resumed_from=start_step)
+  if meta.get("teacher"):
+    spec["teacher"] = meta["teacher"]
+  if is_main:
+    ckpt_lib.write_spec(stage_dir, spec)
+    with open(os.path.join(stage_dir, DONE), "w") as f:
+      f.write(f"{total_steps}\n")
+  if writer is not None:
+    writer.close()
+  return stage_dir
+
+
+def student_degrade_cfg(scfg, sizes):
+  """The degradation a student of these sizes sees (also used to evaluate it)."""
+  return {"sizes": tuple(sizes), "mode": scfg.get("mode", "official"),
+          "blur": scfg.get("blur", "official"),
+          "sigma_range": tuple(scfg.get("sigma_range", (0.1, 2.0)))}
+
+
+def _check_finite(state, policy, max_bad, stage):
+  bad = int(state.bad_steps)
+  if not bad:
+    return
+  terms = {k: float(v) for k, v in jax.device_get(state.bad_terms).items()}
+  msg = (f"stage {stage.name}: non-finite loss or gradient at step {int(state.first_bad_step)} "
+         f"({', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); {bad} step(s) skipped so far")
+  if policy == "stop" or bad > max_bad:
+    raise NonFiniteError(msg + "; the last good checkpoint is kept. Lower train.lr, check the "
+                         "data, or set train.nan_policy=skip")
+  log.warning(msg)
+
+
+def _progress(enabled, name, total, initial):
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, leave=True)
+
+
+def _stage_salt(name: str) -> int:
+  import zlib
+  return zlib.crc32(name.encode()) % (2 ** 31)
+
+
+def cfg_hash(cfg) -> str:
+  """Hash of the config fields that change what is trained (not paths or logging)."""
+  import hashlib
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  d = {k: v for k, v in d.items() if k not in ("workdir", "eval", "report")}
+  for k in ("log_every", "checkpoint_every", "keep"):
+    d.get("train", {}).pop(k, None)
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

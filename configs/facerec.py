@@ -1,0 +1,118 @@
+"""Face recognition with A-SKD: `python -m askd_jax.main --config=configs/facerec.py[:PRESET]`.
+
+Presets
+  demo      (default) a small iResNet-CBAM on the ORL faces that ship with the project (28 people
+            to train on, 12 unseen people for verification), 56 px input, students at 7 and
+            14 px (8x and 4x down-sampling, the paper's 14 and 28 px at 112). CPU, minutes.
+  casia     the paper's recipe: iResNet50-CBAM, CASIA-WebFace (insightface RecordIO),
+            batch 128, SGD lr 0.1 (x0.1 at epochs 6, 11, 15, 17 of 20), students at 14/28/56 px,
+            A-SKD weight 5.0; verification on LFW / AgeDB-30 / CFP-FP .bin files.
+  tinyface  the official TinyFace experiment: the casia teacher, a 24 px student evaluated by
+            rank-k identification on TinyFace.
+
+Every field can be overridden: --config.train.batch_size=64 --config.student.methods=none,askd,at
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def _base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "facerec"
+  c.preset = "demo"
+  c.seed = 0
+  c.dtype = "float32"              # compute dtype; bfloat16 on GPU/TPU (params stay float32)
+  c.distributed = False            # jax.distributed.initialize() for multi-host runs
+  c.shard_params_min_size = 0      # >0: split leaves this large (the margin weight) over devices
+  c.jax_cache_dir = "~/.cache/askd_jax/xla"  # persistent compilation cache ('' to disable)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = ""             # insightface builder name (casia_webface, ms1m...)
+  c.data.name = "orl"              # orl | insightface (RecordIO / list file, see docs/datasets.md)
+  c.data.data_dir = ""             # tfds data_dir ('' = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.manual_dir = ""           # where the user's raw files are (real data sets)
+  c.data.image_size = 112          # model input (HR) size
+  c.data.augment = "flip"          # flip (official) | demo (flip, shift/scale, brightness) | none
+  c.data.workers = 0               # grain worker processes for decoding
+  c.data.verification = ("lfw", "agedb_30", "cfp_fp")
+  c.data.num_pairs = 600           # demo only
+
+  c.model = ml_collections.ConfigDict()
+  c.model.depth = 50               # 50 | 100 | 152 (ignored when stage_sizes is set)
+  c.model.width = 1.0              # channel multiplier (1.0 = 64/128/256/512)
+  c.model.stage_sizes = ()         # e.g. (1, 1, 1, 1) for a small variant
+  c.model.embedding_dim = 512
+  c.model.dropout = 0.4
+  c.model.margin = "arcface"       # arcface | cosface
+  c.model.s = 32.0
+  c.model.m = 0.5
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128         # global batch (per-device batch x devices)
+  c.train.epochs = 20
+  c.train.steps = 0                # >0 overrides epochs
+  c.train.lr = 0.1
+  c.train.schedule = "step"        # step | cosine
+  c.train.lr_boundaries = (6, 11, 15, 17)  # epochs at which lr *= lr_factor
+  c.train.lr_factor = 0.1
+  c.train.warmup_epochs = 0.0
+  c.train.momentum = 0.9
+  c.train.nesterov = True
+  c.train.weight_decay = 5e-4      # on every parameter, as torch.optim.SGD in the official code
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000  # steps; 0 = only at the end (and on SIGTERM)
+  c.train.keep = 2
+  c.train.nan_policy = "stop"      # stop | skip (skip the step, count it, stop past max_bad_steps)
+  c.train.max_bad_steps = 100
+
+  c.student = ml_collections.ConfigDict()
+  c.student.sizes = (14, 28, 56)   # one student per size (each sees HR -> size -> HR)
+  c.student.methods = ("none", "askd")
+  c.student.teacher = ""           # teacher model dir ('' = WORKDIR/teacher)
+  c.student.mode = "official"      # resize: official (nearest) | bilinear | bicubic | area
+  c.student.blur = "official"      # official (fixed sigma 0.1 x 2.0) | random | none
+  c.student.eval_teacher_lr = True  # also evaluate the teacher on each LR size
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.askd = ml_collections.ConfigDict({"weight": 5.0})
+  c.distill.at = ml_collections.ConfigDict({"weight": 1000.0})
+  c.distill.fkd = ml_collections.ConfigDict({"weight": 1.0})
+  c.distill.horkd = ml_collections.ConfigDict(
+      {"weight": 1.0, "individual": 1.0, "pair": 0.1, "triplet": 0.2, "group": 0.1})
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 64
+  c.eval.tinyface = False
+  return c
+
+
+def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
+  preset = preset or "demo"
+  c = _base()
+  c.preset = preset
+  if preset == "demo":
+    c.data.name = "orl"
+    c.data.image_size = 56
+    c.data.augment = "demo"
+    c.model.width = 0.25
+    c.model.stage_sizes = (1, 1, 1, 1)
+    c.model.embedding_dim = 128
+    c.model.dropout = 0.2
+    c.train.batch_size = 32
+    c.train.epochs = 40
+    c.train.lr_boundaries = (24, 32, 36)
+    c.train.log_every = 10
+    c.train.checkpoint_every = 100
+    c.student.sizes = (7, 14)
+  elif preset == "casia":
+    c.data.name = "insightface"
+    c.data.dataset = "casia_webface"
+  elif preset == "tinyface":
+    c.data.name = "insightface"
+    c.data.dataset = "casia_webface"
+    c.student.sizes = (24,)
+    c.eval.tinyface = True
+  else:
+    raise ValueError(f"preset {preset!r} is unknown; use demo, casia or tinyface")
+  return c
