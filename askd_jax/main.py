@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import platform
+import re
+import signal
 import sys
 import time
 from typing import Any, Dict, List
@@ -20,8 +22,46 @@ from typing import Any, Dict, List
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/facerec.py",
-                                          "Config file, optionally :PRESET.", lock_config=True)
+
+def _fail(msg: str, code: int = 2) -> None:
+  """A usage error: one line on stderr, no traceback."""
+  print(f"error: {msg}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _flag_error(e: BaseException) -> str:
+  """One line from a flag/config parsing error (ml_collections embeds the config file's
+  traceback in its message: keep the flag and the exception's last line)."""
+  if isinstance(e, (AttributeError, KeyError)):  # --config.a.b=v naming no field
+    text = str(e).replace("\\", "")
+    key = re.search(r"'(\w+)'", text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    arg = next((a for a in sys.argv[1:] if key and a.startswith("--config.")
+                and a.split("=")[0].endswith("." + key.group(1))), "a --config.* override")
+    return (f"{arg}: the config has no field {key.group(1) if key else text!r}"
+            + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
+            + "; see the config file for the fields")
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  if len(lines) > 1:
+    head = lines[0].split(": Error whilst")[0].removeprefix("flag ")
+    return f"{head}: {re.sub(r'^[A-Za-z]*Error: ', '', lines[-1])}"
+  if isinstance(e, flags.IllegalFlagValueError):
+    return f"{lines[0].removeprefix('flag ')}; give a value of the field's type"
+  return lines[0] if lines else type(e).__name__
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, OSError, AttributeError, KeyError) as e:
+    _fail(_flag_error(e))
+
+
+try:  # ml_collections applies --config.* overrides already here, at definition
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/facerec.py",
+                                            "Config file, optionally :PRESET.", lock_config=True)
+except (flags.Error, OSError, AttributeError, KeyError) as _e:
+  _fail(_flag_error(_e))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the report go "
                                "(default: ./workdir/<task>_<preset>).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start afresh in a workdir that holds another "
@@ -39,10 +79,11 @@ def setup(cfg) -> None:
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-  if cfg.get("distributed"):
-    jax.distributed.initialize()
+  if cfg.get("distributed"):  # arguments from JAX_* env vars, else SLURM/MPI/TPU auto-detection
+    from askd_jax.train.sharding import initialize_distributed
+    initialize_distributed()
   # orbax and matplotlib are chatty at INFO/WARNING about things that are not the user's problem.
-  for name in ("absl", "matplotlib", "orbax"):
+  for name in ("absl", "matplotlib", "orbax", "jax._src.xla_bridge"):
     logging.getLogger(name).setLevel(logging.ERROR)
   try:
     import tensorflow_datasets as tfds
@@ -106,9 +147,11 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
     if key not in cache:
       cache[key] = task.evaluate(model, variables, tuple(sizes))
     out[key] = cache[key]
-  with open(cache_path + ".tmp", "w") as f:
-    json.dump(cache, f, indent=2)
-  os.replace(cache_path + ".tmp", cache_path)
+  import jax
+  if jax.process_index() == 0:  # several hosts: one writer
+    with open(cache_path + ".tmp", "w") as f:
+      json.dump(cache, f, indent=2)
+    os.replace(cache_path + ".tmp", cache_path)
   return out
 
 
@@ -118,6 +161,7 @@ def run(cfg, workdir: str, overwrite: bool = False) -> List[Dict[str, Any]]:
   from askd_jax.tasks import get_task
   from askd_jax.train import loop
   t0 = time.time()
+  config_check.normalize(cfg)
   config_check.validate(cfg)
   is_main = jax.process_index() == 0
   if is_main:
@@ -162,9 +206,23 @@ def _tensorboard(workdir):
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  try:
+    cfg.get("task")  # ml_collections defers a missing config file's error to first use
+  except OSError as e:
+    _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}; give an existing config "
+          "file, e.g. --config=configs/facerec.py")
   setup(cfg)
+  from askd_jax.config_check import ConfigError
   from askd_jax.train.loop import NonFiniteError, Preempted
+  from askd_jax.train.state_io import CheckpointError
   workdir = _WORKDIR.value or os.path.join("workdir", f"{cfg.task}_{cfg.get('preset', 'run')}")
+
+  def outside_step(signum, frame):  # a stage's loop installs its own finish-step-and-save flag
+    raise Preempted(f"{signal.Signals(signum).name} received outside a training step, nothing "
+                    "to save; run the same command again to resume")
+
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, outside_step)
   try:
     if _EVALUATE.value:
       from askd_jax.tasks import get_task
@@ -176,10 +234,11 @@ def main(argv):
   except Preempted as e:
     print(str(e))
     sys.exit(0)
-  except (NonFiniteError, ValueError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  except ConfigError as e:
+    _fail(str(e), 2)
+  except (NonFiniteError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -65,8 +65,9 @@ def rkd_angle(s: jax.Array, t: jax.Array) -> jax.Array:
 def class_centre_logprobs(e: jax.Array, labels: jax.Array, temperature: float) -> jax.Array:
   """log softmax over in-batch class centres of cos(e_i, centre_c) / temperature.
 
-  Returns (B, B): column c is the class of sample c; only the first sample of each class
-  holds a centre (other columns are masked to -inf-like), so each class counts once.
+  Returns (log_p (B, B), first (B,)): column c stands for the class of sample c; only the
+  first sample of each class (`first`) holds a centre, the other columns are masked to
+  -1e9, so each class counts once. Shapes stay static under jit whatever the labels.
   """
   b = e.shape[0]
   u = l2_normalize(e, axis=-1, eps=1e-12)  # (B, D)

@@ -1,7 +1,8 @@
 """Convert the authors' PyTorch checkpoints into an askd_jax model directory.
 
     python -m askd_jax.tools.convert --net=last_net.ckpt [--margin=last_margin.ckpt] \
-        --out=DIR [--depth=50] [--width=1.0] [--channel_order=rgb|bgr] [--overwrite]
+        --out=DIR [--depth=50] [--width=1.0] [--channel_order=rgb|bgr] [--input_size=112]
+        [--overwrite]
 
 The official `*_net.ckpt` holds {'iters', 'net_state_dict'} of `CBAMResNet`; the margin file
 holds the `ArcMarginProduct` state ({'weight': (classes, 512)}) under the same key. The
@@ -49,7 +50,7 @@ def widths_for(width: float) -> Tuple[int, ...]:
 
 # ---------------------------------------------------------------------------------------
 # The layer table: (torch prefix, kind, flax path, shape args), in the official order.
-# kinds: conv (OIHW), bn, prelu, mlp (1x1 conv used as Dense), linear_nchw, bn1d.
+# kinds: conv (OIHW), bn (2d or 1d), prelu, mlp (1x1 conv used as Dense), linear_nchw.
 
 def _layers(stage_sizes: Sequence[int], widths: Sequence[int], embedding_dim: int,
             out_hw: int) -> Iterator[Tuple[str, str, Tuple[str, ...], tuple]]:
@@ -81,16 +82,12 @@ def _layers(stage_sizes: Sequence[int], widths: Sequence[int], embedding_dim: in
   yield "output_layer.4", "bn", ("fc_bn",), (embedding_dim,)
 
 
-_BN_PARAMS = {"weight": ("params", "scale"), "bias": ("params", "bias")}
-_BN_STATS = {"running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-
-
 def _torch_shapes(kind: str, args: tuple) -> Dict[str, Tuple[int, ...]]:
   """Official tensor names (suffixes) and shapes of one layer."""
   if kind == "conv":
     o, i, k = args
     return {"weight": (o, i, k, k)}
-  if kind in ("bn", "bn1d"):
+  if kind == "bn":
     return {s: args for s in ("weight", "bias", "running_mean", "running_var")}
   if kind == "prelu":
     return {"weight": args}
@@ -128,7 +125,7 @@ def _get(tree: Tree, path: Sequence[str]):
 # Architecture inference.
 
 def _fmt(shape) -> str:
-  return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+  return str(tuple(int(s) for s in shape))
 
 
 def infer_arch(state: Dict[str, Array], source: str = "checkpoint") -> Dict[str, Any]:
@@ -174,7 +171,8 @@ def _check(state: Dict[str, Array], expected: Dict[str, Tuple[int, ...]], source
            hint: str) -> None:
   keys = {k for k in state if not k.endswith("num_batches_tracked")}
   problems = []
-  for k in sorted(set(expected) - keys, key=list(expected).index):
+  order = {k: i for i, k in enumerate(expected)}
+  for k in sorted(set(expected) - keys, key=order.get):
     problems.append(f"missing tensor {k!r} (expected shape {_fmt(expected[k])})")
   for k in sorted(keys - set(expected)):
     problems.append(f"unexpected tensor {k!r} of shape {_fmt(np.shape(state[k]))}")
@@ -197,8 +195,8 @@ def _to_flax(kind: str, args: tuple, t: Dict[str, Array]) -> Dict[str, Dict[str,
   if kind == "prelu":
     return {"params": {"alpha": f32(t["weight"])}}
   if kind == "bn":
-    return {c: {n: f32(t[s]) for s, (c2, n) in {**_BN_PARAMS, **_BN_STATS}.items() if c2 == c}
-            for c in ("params", "batch_stats")}
+    return {"params": {"scale": f32(t["weight"]), "bias": f32(t["bias"])},
+            "batch_stats": {"mean": f32(t["running_mean"]), "var": f32(t["running_var"])}}
   if kind == "linear_nchw":
     d, c, hw = args
     w = f32(t["weight"]).reshape(d, c, hw, hw).transpose(2, 3, 1, 0).reshape(hw * hw * c, d)
@@ -255,7 +253,8 @@ def torch_state_to_flax(state_dict: Dict[str, Array], margin_state: Dict[str, Ar
                                    arch["out_hw"])
   depth = depth_of(arch["stage_sizes"])
   _check(state, expected, source,
-         f"expected iResNet-CBAM stage sizes {list(arch['stage_sizes'])} (depth {depth}), "
+         f"expected iResNet-CBAM stage sizes {list(arch['stage_sizes'])} "
+         f"({f'depth {depth}' if depth else 'custom depth'}), "
          f"widths {list(arch['widths'])}: check --depth/--width or the file")
   variables: Tree = {"params": {"backbone": {}}, "batch_stats": {"backbone": {}}}
   for prefix, kind, path, args in layers:
@@ -367,18 +366,31 @@ def load_torch_state(path: str) -> Dict[str, Array]:
           for k, v in state.items()}
 
 
-def make_spec(arch: Dict[str, Any], source: str, s: float = 32.0, m: float = 0.5
-              ) -> Dict[str, Any]:
+def output_size(input_size: int) -> int:
+  """Side of the last stage: four 3x3, stride-2, padding-1 convs (112 -> 7, 56 -> 4)."""
+  for _ in range(4):
+    input_size = (input_size - 1) // 2 + 1
+  return input_size
+
+
+def make_spec(arch: Dict[str, Any], source: str, input_size: int | None = None,
+              s: float = 32.0, m: float = 0.5) -> Dict[str, Any]:
+  """The model.json of the export. input_size defaults to 16 * (side of the last stage)."""
+  input_size = input_size or int(arch["out_hw"]) * 16
+  if output_size(input_size) != arch["out_hw"]:
+    raise ConvertError(f"--input_size={input_size} gives a {output_size(input_size)}x"
+                       f"{output_size(input_size)} last stage, but output_layer.3 expects "
+                       f"{arch['out_hw']}x{arch['out_hw']}; pass the size the net was trained at")
   return {"task": "facerec", "arch": "iresnet_cbam", "depth": arch["depth"],
           "width": float(arch["width"]), "stage_sizes": [int(n) for n in arch["stage_sizes"]],
           "embedding_dim": int(arch["embedding_dim"]), "num_classes": arch["num_classes"],
-          "margin": "arcface", "s": s, "m": m, "input_size": int(arch["out_hw"]) * 16,
+          "margin": "arcface", "s": s, "m": m, "input_size": int(input_size),
           "channel_order": arch["channel_order"], "source": source}
 
 
 def convert(net: str, out: str, margin: str | None = None, depth: int | None = None,
-            width: float | None = None, channel_order: str = "rgb", overwrite: bool = False
-            ) -> Dict[str, Any]:
+            width: float | None = None, channel_order: str = "rgb", overwrite: bool = False,
+            input_size: int | None = None) -> Dict[str, Any]:
   """Read, map, check and export; returns the written spec."""
   from askd_jax.train import checkpoint  # orbax: only needed to write
 
@@ -390,7 +402,7 @@ def convert(net: str, out: str, margin: str | None = None, depth: int | None = N
       load_torch_state(net), load_torch_state(margin) if margin else None,
       stage_sizes=STAGE_SIZES[depth] if depth is not None else None, width=width,
       channel_order=channel_order, source=net, margin_source=margin or "")
-  spec = make_spec(arch, net if margin is None else f"{net} + {margin}")
+  spec = dict(make_spec(arch, net, input_size), margin_source=margin)
   try:
     checkpoint.export_model(out, variables, spec, overwrite=overwrite)
   except FileExistsError as e:
@@ -410,11 +422,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="expected width multiplier (default: inferred)")
   p.add_argument("--channel_order", default="rgb", choices=CHANNEL_ORDERS,
                  help="input order of the converted model (official nets consume bgr)")
-  p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--input_size", type=int, default=None,
+                 help="input side the net expects (default: 16 x last-stage side, 112)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = p.parse_args(argv)
   try:
     spec = convert(args.net, args.out, args.margin, args.depth, args.width,
-                   args.channel_order, args.overwrite)
+                   args.channel_order, args.overwrite, args.input_size)
   except ConvertError as e:
     print(f"convert: error: {e}", file=sys.stderr)
     return 2

@@ -5,7 +5,7 @@ Written from the facts in askd_facts.md (not copied): the official `CBAMResNet`
 layout of the authors' `*_net.ckpt` files, and the official `ArcMarginProduct`.
 
 Beyond the official model it allows small variants (a width multiplier, custom stage
-sizes, any input size divisible by 16) so tests run fast; at depth 50/100/152, width 1
+sizes, any input size) so tests run fast; at depth 50/100/152, width 1
 and 112 px it is layer for layer the official network. The forward returns what A-SKD
 distils (no hooks): the embedding, the 4 stage outputs and, per CBAM block, the
 pre-sigmoid channel map (B, C) and spatial map (B, H, W).
@@ -96,10 +96,8 @@ class IResNetCBAM(nn.Module):
                widths: Sequence[int] = WIDTHS, embedding_dim: int = 512,
                input_size: int = 112, drop_ratio: float = 0.4, reduction: int = 16):
     super().__init__()
-    if input_size % 16:
-      raise ValueError(f"input_size={input_size} must be divisible by 16 (4 stride-2 stages)")
     self.stage_sizes, self.widths = tuple(stage_sizes), tuple(widths)
-    out_hw = input_size // 16
+    out_hw = output_size(input_size)
     self.input_layer = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
                                      nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
     cin = widths[0]
@@ -132,6 +130,14 @@ class IResNetCBAM(nn.Module):
       stages.append(x)
     emb = self.output_layer(x)
     return emb, TorchFeatures(emb, tuple(stages), tuple(cmaps), tuple(smaps))
+
+
+def output_size(input_size: int) -> int:
+  """Side of the last stage: four 3x3, stride-2, padding-1 convs (112 -> 7, 56 -> 4)."""
+  h = input_size
+  for _ in range(4):
+    h = (h - 1) // 2 + 1
+  return h
 
 
 def widths_for(width: float = 1.0) -> Tuple[int, ...]:

@@ -134,11 +134,18 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
     state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
   else:
     step0, state, data_state, old_meta = restored
-    if old_meta.get("teacher") != meta.get("teacher"):
+    # The teacher's parameters must be the ones this student was trained against; a moved
+    # workdir (same parameters, another path) is fine.
+    was, now = old_meta.get("teacher") or {}, meta.get("teacher") or {}
+    if was.get("params_hash") != now.get("params_hash"):
       raise ValueError(
-          f"{stage_dir}: this student was trained against teacher {old_meta.get('teacher')}, "
-          f"but the config now gives {meta.get('teacher')}; restore that teacher or start "
-          "the stage in a new workdir")
+          f"{stage_dir}: this student was trained up to step {step0} against teacher "
+          f"{was.get('path')} (params hash {was.get('params_hash')}), but student.teacher "
+          f"now loads {now.get('path')} (params hash {now.get('params_hash')}); restore that "
+          "teacher, or use a new --workdir to train the student again")
+    if was.get("path") != now.get("path"):
+      log.warning("%s: the teacher moved from %s to %s (same parameters)", stage.name,
+                  was.get("path"), now.get("path"))
     log.info("resuming %s from step %d", stage.name, step0)
   if teacher_vars is not None:
     teacher_vars = jax.device_put(teacher_vars, repl)
@@ -150,11 +157,13 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
   dcfg = cfg.distill.get(dname, {}) if distill_fn else None
   step_fn = make_train_step(task=task, model=model, tx=tx, teacher_model=teacher_model,
                             distill_fn=distill_fn, distill_cfg=dcfg, degrade_fn=degrade_fn)
-  jstep = jax.jit(step_fn, in_shardings=(state_sh, repl, bshard), out_shardings=(state_sh, repl),
-                  donate_argnums=(0,))
+  jstep = shd.jit_train_step(step_fn, mesh, state_sh)  # batch split on 'data', state as state_sh
 
   loader = task.train_loader(gbatch, seed=seed + _stage_salt(stage.name))
   it = iter(loader)
+  if data_state is not None:  # this process's position (mapped if the process count changed)
+    data_state = shd.local_iterator_state(data_state, it.get_state(),
+                                          int(state.step) * gbatch // jax.process_count())
   if data_state is not None:
     it.set_state(data_state)
 
@@ -168,7 +177,7 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
 
   def save(step):
     _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
-    state_io.save(mgr, step, state, it.get_state(), meta)
+    state_io.save(mgr, step, state, shd.gather_iterator_states(it.get_state()), meta)
 
   with _SignalFlag() as sig:
     step = int(state.step)
@@ -235,7 +244,10 @@ def _check_finite(state, policy, max_bad, stage):
   if not bad:
     return
   terms = {k: float(v) for k, v in jax.device_get(state.bad_terms).items()}
-  msg = (f"stage {stage.name}: non-finite loss or gradient at step {int(state.first_bad_step)} "
+  # first_bad_step counts steps done before the bad one; report it 1-based, as the progress
+  # bar and the checkpoint numbers do.
+  at = int(state.first_bad_step) + 1
+  msg = (f"stage {stage.name}: non-finite loss or gradient at step {at} "
          f"({', '.join(f'{k}={v:.4g}' for k, v in terms.items())}); {bad} step(s) skipped so far")
   if policy == "stop" or bad > max_bad:
     raise NonFiniteError(msg + "; the last good checkpoint is kept. Lower train.lr, check the "
@@ -259,7 +271,9 @@ def cfg_hash(cfg) -> str:
   """Hash of the config fields that change what is trained (not paths or logging)."""
   import hashlib
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  d = {k: v for k, v in d.items() if k not in ("workdir", "eval", "report")}
-  for k in ("log_every", "checkpoint_every", "keep"):
+  d = {k: v for k, v in d.items()
+       if k not in ("workdir", "eval", "report", "jax_cache_dir", "distributed")}
+  # How often to log/checkpoint and what to do on a NaN may change between restarts.
+  for k in ("log_every", "checkpoint_every", "keep", "nan_policy", "max_bad_steps"):
     d.get("train", {}).pop(k, None)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

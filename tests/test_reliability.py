@@ -1,0 +1,359 @@
+"""Reliability of training runs: exact resume after SIGKILL, graceful SIGTERM, corrupt
+checkpoints, the NaN guard, the workdir guard and the teacher check on resume.
+
+The end-to-end tests drive the real CLI (`python -m askd_jax.main`) in subprocesses on a tiny
+model (16 px ORL faces, width 0.125, 8 steps per stage, a teacher and one A-SKD student),
+sharing one JAX compilation cache so restarts do not recompile. CPU, float32, fixed seed.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+BASE = ["--config=configs/facerec.py", "--config.data.image_size=16", "--config.model.width=0.125",
+        "--config.model.embedding_dim=16", f"--config.train.steps={STEPS}",
+        "--config.train.batch_size=8", "--config.train.checkpoint_every=2",
+        "--config.train.log_every=2", "--config.train.keep=2", "--config.student.sizes=7,",
+        "--config.student.methods=askd", "--config.student.eval_teacher_lr=False"]
+STAGES = ("teacher", "student_askd_7px")
+TIMEOUT = 400
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+def _cmd(workdir, cache, *extra):
+  return [sys.executable, "-m", "askd_jax.main", *BASE, f"--workdir={workdir}",
+          f"--config.jax_cache_dir={cache}", *extra]
+
+
+def _env():
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env.pop("XLA_FLAGS", None)  # one CPU device, whatever the caller set
+  return env
+
+
+class Proc:
+  """A CLI run whose stdout/stderr go to files (no pipe can fill and block it)."""
+
+  def __init__(self, cmd, logdir: Path, name: str):
+    self.out, self.err = logdir / f"{name}.out", logdir / f"{name}.err"
+    self._fo, self._fe = open(self.out, "w"), open(self.err, "w")
+    self.p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=self._fo, stderr=self._fe)
+
+  def wait(self, timeout=TIMEOUT) -> int:
+    try:
+      rc = self.p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.p.kill()
+      self.p.wait()
+      raise
+    finally:
+      self._fo.close()
+      self._fe.close()
+    return rc
+
+  @property
+  def stdout(self) -> str:
+    return self.out.read_text()
+
+  @property
+  def stderr(self) -> str:
+    return self.err.read_text()
+
+
+def run_cli(cmd, logdir: Path, name: str, timeout=TIMEOUT):
+  p = Proc(cmd, logdir, name)
+  rc = p.wait(timeout)
+  return rc, p.stdout, p.stderr
+
+
+def ckpt_steps(workdir) -> set:
+  """{(stage, step)} of the complete checkpoint steps under the workdir."""
+  out = set()
+  for d in glob.glob(os.path.join(workdir, "*", "checkpoints", "*")):
+    if os.path.basename(d).isdigit():
+      out.add((Path(d).parents[1].name, int(os.path.basename(d))))
+  return out
+
+
+def final_arrays(stage_dir) -> dict:
+  """Every array of the newest checkpoint step's train state, by path."""
+  import jax
+  import orbax.checkpoint as ocp
+  from askd_jax.train import state_io
+  mgr = state_io.manager(os.path.join(stage_dir, "checkpoints"), read_only=True)
+  step = mgr.latest_step()
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  leaves = jax.tree_util.tree_flatten_with_path(out["state"])[0]
+  arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+  arrays["__step__"] = np.asarray(step)
+  return arrays
+
+
+def assert_same_final(ref_dir, other_dir):
+  for stage in STAGES:
+    a, b = final_arrays(os.path.join(ref_dir, stage)), final_arrays(os.path.join(other_dir, stage))
+    assert int(a["__step__"]) == int(b["__step__"]) == STEPS
+    assert sorted(a) == sorted(b)
+    diff = [k for k in a if not (a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]))]
+    assert not diff, f"{stage}: {len(diff)} of {len(a)} arrays differ, e.g. {diff[:3]}"
+
+
+def one_error_line(stderr: str) -> str:
+  lines = [l for l in stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, stderr[-3000:]
+  assert "Traceback" not in stderr, stderr[-3000:]
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory, cache):
+  """One uninterrupted run: the parameters every interrupted run must end with."""
+  root = tmp_path_factory.mktemp("ref")
+  rc, out, err = run_cli(_cmd(root / "w", cache), root, "ref")
+  assert rc == 0, err[-3000:]
+  return root / "w"
+
+
+# --- exact resume ----------------------------------------------------------------------------
+
+def test_sigkill_at_random_steps_resumes_bit_for_bit(ref_run, cache, tmp_path):
+  seed = int.from_bytes(os.urandom(4), "little")
+  rng = random.Random(seed)
+  w = tmp_path / "w"
+  kills, rc, n = [], None, 0
+  while rc is None:
+    n += 1
+    assert n <= 8, f"no completion after {n - 1} restarts (seed {seed}, kills {kills})"
+    p = Proc(_cmd(w, cache), tmp_path, f"run{n}")
+    if len(kills) < 3:  # kill after 1-2 new checkpoints plus a random delay (maybe mid-save)
+      seen, want = ckpt_steps(w), rng.randint(1, 2)
+      deadline = time.time() + TIMEOUT
+      while p.p.poll() is None and time.time() < deadline:
+        if len(ckpt_steps(w) - seen) >= want:
+          time.sleep(rng.uniform(0.0, 0.6))
+          p.p.send_signal(signal.SIGKILL)
+          kills.append(sorted(ckpt_steps(w) - seen))
+          break
+        time.sleep(0.02)
+    code = p.wait()
+    if code == 0:
+      rc = 0
+    else:
+      assert code == -signal.SIGKILL, f"run {n} exited {code}: {p.stderr[-3000:]}"
+  print(f"seed {seed}: killed {len(kills)} times after new checkpoints {kills}")
+  assert len(kills) >= 2, f"the run finished before it could be killed twice (seed {seed})"
+  assert_same_final(ref_run, w)
+  assert not glob.glob(str(w / "*" / "checkpoints" / "*tmp*")), "a partial step was left"
+  rows = lambda d: {k: v for k, v in json.loads((d / "results.json").read_text()).items()
+                    if k != "meta"}  # meta holds the wall time
+  assert rows(w) == rows(ref_run)
+
+
+# --- SIGTERM, then a corrupt newest checkpoint ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sigterm_run(tmp_path_factory, cache):
+  root = tmp_path_factory.mktemp("term")
+  w = root / "w"
+  p = Proc(_cmd(w, cache), root, "term")
+  deadline = time.time() + TIMEOUT
+  while p.p.poll() is None and time.time() < deadline:
+    if len({s for s in ckpt_steps(w) if s[0] == "teacher"}) >= 2:
+      p.p.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.02)
+  rc = p.wait()
+  return w, rc, p.stdout, p.stderr
+
+
+def test_sigterm_saves_and_exits_0_with_resume_message(sigterm_run):
+  w, rc, out, err = sigterm_run
+  assert rc == 0, err[-3000:]
+  m = re.search(r"SIGTERM received: stage (\S+) stopped after step (\d+) and saved a checkpoint "
+                r"in (\S+); run the same command again to resume", out)
+  assert m, out[-2000:]
+  stage, step = m.group(1), int(m.group(2))
+  assert stage == "teacher" and 4 <= step < STEPS
+  assert Path(m.group(3)) == w / stage
+  assert (stage, step) in ckpt_steps(w) and max(s for g, s in ckpt_steps(w) if g == stage) == step
+  assert int(final_arrays(w / stage)["['step']"]) == step  # the state inside says so too
+  assert not (w / stage / "DONE").exists()
+
+
+def _corrupt_newest(stage_dir: Path) -> int:
+  steps = sorted(int(p.name) for p in (stage_dir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) >= 2, steps
+  files = [f for f in (stage_dir / "checkpoints" / str(steps[-1]) / "state").rglob("*")
+           if f.is_file() and "/d/" in str(f)]
+  big = max(files, key=lambda f: f.stat().st_size)  # the largest array data file
+  data = bytearray(big.read_bytes())
+  data[len(data) // 2] ^= 0xFF  # one flipped byte: orbax may restore it without complaint
+  big.write_bytes(bytes(data))
+  return steps[-1]
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_finishes_bit_for_bit(sigterm_run, ref_run,
+                                                                       cache, tmp_path):
+  w0, rc, _, _ = sigterm_run
+  assert rc == 0
+  w = tmp_path / "w"
+  shutil.copytree(w0, w)
+  bad = _corrupt_newest(w / "teacher")
+  older = max(s for g, s in ckpt_steps(w) if g == "teacher" and s < bad)
+  rc, out, err = run_cli(_cmd(w, cache), tmp_path, "resume")
+  assert rc == 0, err[-3000:]
+  assert re.search(rf"checkpoint step {bad} in \S+ is unreadable .*falling back to step {older}",
+                   err), err[-3000:]
+  assert glob.glob(str(w / "teacher" / "checkpoints" / f"{bad}.unreadable-*"))
+  assert_same_final(ref_run, w)
+
+
+def test_all_checkpoints_corrupt_is_refused_clearly(tmp_path):
+  import jax.numpy as jnp
+  from askd_jax.train import state_io
+  mgr = state_io.manager(str(tmp_path / "ck"))
+  st = {"w": jnp.arange(64.0)}
+  for s in (1, 2):
+    state_io.save(mgr, s, st, None, {})
+  for s in (1, 2):
+    shutil.rmtree(tmp_path / "ck" / str(s) / "state" / "d", ignore_errors=True)
+    for f in (tmp_path / "ck" / str(s) / "state").rglob("manifest.ocdbt"):
+      f.write_bytes(b"garbage")
+  with pytest.raises(state_io.CheckpointError, match=r"none of the checkpoint steps \[1, 2\] can "
+                     r"be read .*delete the directory"):
+    state_io.restore_latest(state_io.manager(str(tmp_path / "ck")), st)
+
+
+def test_state_io_save_is_idempotent_and_cleans_partial_steps(tmp_path):
+  import jax.numpy as jnp
+  from askd_jax.train import state_io
+  ck = tmp_path / "ck"
+  mgr = state_io.manager(str(ck))
+  st = {"w": jnp.arange(8.0)}
+  assert state_io.save(mgr, 3, st, b'{"pos": 1}', {"a": 1})
+  assert not state_io.save(mgr, 3, st, None, {})  # SIGTERM right after a periodic save
+  (ck / "5.orbax-checkpoint-tmp-1700000000").mkdir()  # a writer killed mid-save
+  mgr = state_io.manager(str(ck))
+  assert mgr.all_steps() == [3] and not (ck / "5.orbax-checkpoint-tmp-1700000000").exists()
+  step, out, data, meta = state_io.restore_latest(mgr, st)
+  assert step == 3 and data == b'{"pos": 1}' and meta["a"] == 1 and meta["state_hash"]
+  np.testing.assert_array_equal(out["w"], np.arange(8.0))
+
+
+# --- NaN guard -------------------------------------------------------------------------------
+
+def test_nan_stop_names_step_and_terms_keeps_last_good_then_skip_counts(cache, tmp_path):
+  w = tmp_path / "w"
+  cmd = _cmd(w, cache, "--config.train.lr=1e30", "--config.student.sizes=()",
+             "--config.train.checkpoint_every=1")
+  rc, out, err = run_cli(cmd, tmp_path, "stop")
+  assert rc == 1, err[-3000:]
+  line = one_error_line(err)
+  m = re.fullmatch(r"error: stage teacher: non-finite loss or gradient at step (\d+) \(loss=(\S+), "
+                   r"task_loss=\S+, distill_loss=\S+, grad_norm=\S+\); 1 step\(s\) skipped so far; "
+                   r"the last good checkpoint is kept\. .*nan_policy=skip", line)
+  assert m, line
+  bad = int(m.group(1))
+  assert not np.isfinite(float(m.group(2)))
+  assert max(s for _, s in ckpt_steps(w)) == bad - 1  # nothing saved from the bad step on
+  last = final_arrays(w / "teacher")
+  assert int(last["__step__"]) == bad - 1 and int(last["['bad_steps']"]) == 0
+  assert all(np.isfinite(v).all() for k, v in last.items() if v.dtype.kind == "f")
+
+  # As the message advises: the same command with nan_policy=skip resumes (the workdir guard
+  # lets that change through), skips and counts bad steps, and stops past max_bad_steps.
+  rc, out, err = run_cli(cmd + ["--config.train.nan_policy=skip", "--config.train.max_bad_steps=2"],
+                         tmp_path, "skip")
+  assert rc == 1, err[-3000:]
+  assert re.search(rf"non-finite loss or gradient at step {bad} .*; 1 step\(s\) skipped so far",
+                   err), err[-3000:]  # the warning of the first skipped step
+  line = one_error_line(err)
+  assert re.search(rf"at step {bad} .*; 3 step\(s\) skipped so far", line), line
+  last = final_arrays(w / "teacher")
+  assert int(last["__step__"]) == bad + 1 and int(last["['bad_steps']"]) == 2  # went on past it
+  assert int(last["['first_bad_step']"]) == bad - 1
+
+
+# --- workdir guard and teacher check -------------------------------------------------------------
+
+def test_workdir_guard_refuses_another_config(ref_run, cache, tmp_path):
+  before = (ref_run / "config.json").read_text()
+  rc, out, err = run_cli(_cmd(ref_run, cache, "--config.train.lr=0.05"), tmp_path, "guard")
+  assert rc == 1
+  line = one_error_line(err)
+  assert str(ref_run) in line and "--overwrite" in line and "another config" in line
+  assert (ref_run / "config.json").read_text() == before
+
+
+def _get_config(preset="demo"):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("facerec_config", REPO / "configs" / "facerec.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(preset)
+
+
+def test_workdir_guard_overwrite_moves_old_run_aside(tmp_path):
+  from askd_jax import main
+  get_config = _get_config
+  w = tmp_path / "w"
+  a, b = get_config("demo"), get_config("demo")
+  b.train.lr = 0.05
+  main.guard_workdir(str(w), a, overwrite=False)
+  (w / "teacher").mkdir()
+  c = get_config("demo")
+  c.train.checkpoint_every, c.train.nan_policy, c.jax_cache_dir = 7, "skip", "/elsewhere"
+  main.guard_workdir(str(w), c, overwrite=False)  # same run: only how it is checkpointed differs
+  with pytest.raises(SystemExit, match="holds a run with another config"):
+    main.guard_workdir(str(w), b, overwrite=False)
+  main.guard_workdir(str(w), b, overwrite=True)
+  old = glob.glob(str(tmp_path / "w.old-*"))
+  assert len(old) == 1 and os.path.isdir(os.path.join(old[0], "teacher"))
+  assert not (w / "teacher").exists()
+  saved = json.loads((w / "config.json").read_text())
+  assert saved["config"]["train"]["lr"] == 0.05
+
+
+def _reopen_student(ref_run, dst: Path) -> Path:
+  shutil.copytree(ref_run, dst)
+  for f in ("DONE", "eval.json"):
+    (dst / STAGES[1] / f).unlink()
+  return dst
+
+
+def test_student_resume_refuses_a_changed_teacher(ref_run, cache, tmp_path):
+  # A moved workdir (same teacher parameters, another path) resumes, with a warning.
+  w = _reopen_student(ref_run, tmp_path / "moved")
+  rc, out, err = run_cli(_cmd(w, cache), tmp_path, "moved")
+  assert rc == 0, err[-3000:]
+  assert "the teacher moved from" in err
+  # Another teacher (here: its newest checkpoint gone, so an older one loads) is refused.
+  w = _reopen_student(ref_run, tmp_path / "changed")
+  shutil.rmtree(w / "teacher" / "checkpoints" / str(STEPS))
+  rc, out, err = run_cli(_cmd(w, cache), tmp_path, "changed")
+  assert rc == 1, err[-3000:]
+  line = one_error_line(err)
+  assert re.search(r"this student was trained up to step \d+ against teacher .*params hash "
+                   r"\w+\), but student\.teacher now loads .*params hash \w+\); restore that "
+                   r"teacher", line), line
+  assert not (w / STAGES[1] / "DONE").exists()
