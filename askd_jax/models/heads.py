@@ -60,11 +60,15 @@ class MarginModel(nn.Module):
 
   outputs: {'embedding': (B, D)} and, when labels are given, {'logits': (B, classes)}.
   A frozen teacher is called without labels, so its head is never evaluated.
+  `bgr=True` (a checkpoint converted with --channel_order=bgr) reverses the RGB input.
   """
   backbone: nn.Module
   head: Optional[nn.Module] = None
+  bgr: bool = False
 
   def __call__(self, x, labels=None, train: bool = False):
+    if self.bgr:
+      x = x[..., ::-1]
     emb, feats = self.backbone(x, train=train)
     out = {"embedding": emb}
     if labels is not None and self.head is not None:

@@ -64,7 +64,10 @@ class FaceRecTask(Task):
     if s.get("num_classes"):
       head = make_margin(s.get("margin", "arcface"), s["num_classes"], s.get("s", 32.0),
                          s.get("m", 0.5))
-    return MarginModel(backbone, head)
+    channel_order = str(s.get("channel_order", "rgb")).lower()
+    if channel_order not in ("rgb", "bgr"):
+      raise ValueError(f"model spec channel_order={channel_order!r}; expected rgb or bgr")
+    return MarginModel(backbone, head, bgr=channel_order == "bgr")
 
   def check_teacher(self, tspec, path):
     super().check_teacher(tspec, path)
