@@ -136,9 +136,8 @@ def test_postprocess_scores_threshold_scale_and_height():
   np.testing.assert_array_equal(r["valid"], [[True, True, False, False]])
   np.testing.assert_allclose(r["scores"][0, :2], [0.25, 0.25], rtol=1e-5)
   np.testing.assert_allclose(r["boxes"][0, :2], anchors[jnp.array([0, 2])], atol=1e-4)
-  # alpha .5 -> cls * iou; scale 2 -> boxes halved; min_height 4 (original px) drops anchor 2
-  # (height 4 / 2 = 2) and leaves anchor 1 (10 / 2 = 5) once anchor 0 is gone... anchor 0 is
-  # kept (height 5), so anchor 1 is still suppressed.
+  # alpha .5 -> cls * iou = .25; scale 2 -> boxes halved (original-image pixels);
+  # min_height 4 applies there: anchor 0 (height 10 / 2 = 5) stays, anchor 2 (4 / 2 = 2) goes.
   r = jax.jit(lambda o: postprocess(o, anchors, 64, max_det=4, alpha=0.5,
                                     scale=jnp.array([2.0]), min_height=4.0))(out)
   np.testing.assert_array_equal(r["valid"], [[True, False, False, False]])

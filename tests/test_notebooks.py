@@ -83,8 +83,8 @@ def _inject(nb, params: dict):
   import nbformat
   i = next(k for k, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
   src = "\n".join(f"{k} = {v!r}" for k, v in params.items())
-  cell = nbformat.v4.new_code_cell(src, metadata={"tags": ["injected-parameters"]})
-  cell.pop("id", None)
+  cell = nbformat.v4.new_code_cell(src, metadata={"tags": ["injected-parameters"]},
+                                   id="injected-parameters")
   nb.cells.insert(i + 1, cell)
 
 

@@ -109,7 +109,6 @@ def load_run(workdir: str, data_dir: Optional[str] = None) -> Run:
     raise ValueError(f"{workdir}: task {cfg.task!r}; attention maps are drawn for facerec runs")
   if data_dir is not None:
     cfg.data.data_dir = data_dir
-  _enable_cache(cfg)
   task = get_task(cfg)
   tdir = os.path.join(workdir, "teacher")
   if not os.path.isdir(tdir) and cfg.student.get("teacher"):
@@ -138,8 +137,11 @@ def load_run(workdir: str, data_dir: Optional[str] = None) -> Run:
   return Run(workdir, cfg, task, model, teacher, students)
 
 
-def _enable_cache(cfg) -> None:
-  """Reuse the run's persistent XLA cache (the run compiled the same networks)."""
+def enable_compilation_cache(cfg) -> None:
+  """Point JAX's persistent compilation cache at the run's (it compiled the same networks).
+
+  Global JAX state: for entry points (the CLI, a notebook), not for library code.
+  """
   path = cfg.get("jax_cache_dir")
   if path:
     path = os.path.expanduser(path)

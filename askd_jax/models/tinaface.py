@@ -210,9 +210,9 @@ class TinaFaceCBAM(nn.Module):
     head = IoUAwareHead(self.fpn_channels, self.num_anchors, self.stacked_convs, self.norm,
                         self.dtype, name="head")
     cls, box, iou = [], [], []
+    n = x.shape[0]
     for p in levels:
       c, b, i = head(neck(p, train), train)
-      n = x.shape[0]
       cls.append(c.reshape(n, -1, 1))  # (B, H*W*A, 1): (y, x, anchor) order
       box.append(b.reshape(n, -1, 4))
       iou.append(i.reshape(n, -1, 1))

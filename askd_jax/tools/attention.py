@@ -107,9 +107,12 @@ def summary(sims: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, compilation_cache: bool = False) -> int:
   args = parse(sys.argv[1:] if argv is None else argv)
   try:
+    if compilation_cache:
+      from askd_jax.evaluate.attention import enable_compilation_cache, load_config
+      enable_compilation_cache(load_config(args.workdir))
     run(args)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -118,4 +121,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(compilation_cache=True))

@@ -40,7 +40,7 @@ from askd_jax.data import degrade as degrade_lib
 from askd_jax.models import ArcFace, MarginModel, iresnet_cbam
 from askd_jax.tasks.base import Task
 from askd_jax.train.optim import sgd_torch
-from askd_jax.train.step import init_state, make_train_step
+from askd_jax.train.step import compiler_options, init_state, make_train_step
 
 # Dense peak FLOP/s per device kind (vendor data sheets, SXM parts). fp32 is the plain
 # (non-tensor-core) rate; JAX and torch may use TF32 for float32 matmuls on GPUs.
@@ -124,11 +124,15 @@ def _abstract(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
-def compile_step(fn, args):
-  """(compiled, seconds): the jitted step with the state donated, as the loop runs it."""
-  t = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=(0,)).lower(*args).compile()
-  return compiled, time.perf_counter() - t
+def compile_step(fn, args, tuned: bool = True):
+  """(compiled, wall s, CPU s): the jitted step, state donated, as the loop runs it.
+
+  tuned: with `askd_jax.train.step.compiler_options()` (else XLA's defaults).
+  """
+  t, c = time.perf_counter(), time.process_time()
+  opts = compiler_options() if tuned else {}
+  compiled = jax.jit(fn, donate_argnums=(0,), compiler_options=opts or None).lower(*args).compile()
+  return compiled, time.perf_counter() - t, time.process_time() - c
 
 
 def cost_flops(compiled) -> Optional[float]:
@@ -158,7 +162,8 @@ def memory_report(args, batch: int) -> Dict[str, Any]:
     state, tvars, _ = fns["args"]
     abstract_batch = {"image": jax.ShapeDtypeStruct((b, args.size, args.size, 3), jnp.uint8),
                       "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-    compiled = jax.jit(fns["fn"], donate_argnums=(0,)).lower(
+    compiled = jax.jit(fns["fn"], donate_argnums=(0,),
+                       compiler_options=compiler_options() or None).lower(
         _abstract(state), _abstract(tvars), abstract_batch).compile()
     sizes[b] = peak_bytes(compiled)
   b1, b2 = batch // 2, batch
@@ -332,7 +337,7 @@ def machine_info() -> Dict[str, str]:
   return info
 
 
-COLUMNS = ("model", "step", "batch", "impl", "compile s", "step ms", "img/s",
+COLUMNS = ("model", "step", "batch", "impl", "compile s", "compile cpu s", "step ms", "img/s",
            "JAX speed-up", "GFLOP/img", "MFU")
 
 
@@ -342,14 +347,20 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
   jfns = jax_step_fns(args, batch)
   runners, compile_s, flops = {}, {}, {}
   for kind, spec in jfns.items():
-    compiled, compile_s[("jax", kind)] = compile_step(spec["fn"], spec["args"])
-    flops[kind] = cost_flops(compiled)
-    runners[("jax", kind)] = jax_runner(compiled, spec["args"])
+    for impl in (["jax"] + (["jax xla-defaults"] if args.xla_defaults else [])):
+      args_k = spec["args"]
+      if impl != "jax":  # its own state: the other one is donated
+        args_k = (jax.tree.map(jnp.copy, args_k[0]),) + args_k[1:]
+      compiled, wall, cpu = compile_step(spec["fn"], args_k, tuned=impl == "jax")
+      compile_s[(impl, kind)] = (wall, cpu)
+      flops.setdefault(kind, cost_flops(compiled))
+      runners[(impl, kind)] = jax_runner(compiled, args_k)
   for variant in args.torch_variants:
     for kind, run in torch_runners(args, batch, variant).items():
       t = time.perf_counter()
       run()  # torch.compile compiles here; eager: a first step (allocator warm-up)
-      compile_s[(variant, kind)] = time.perf_counter() - t if variant == "compile" else 0.0
+      compile_s[(variant, kind)] = ((time.perf_counter() - t, None) if variant == "compile"
+                                    else (None, None))
       runners[(variant, kind)] = run
   times = time_interleaved(runners, args.steps)
   kind_dev = jax.devices()[0].device_kind
@@ -363,8 +374,9 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
     ips = batch / med
     rows.append({
         "model": f"{model} {args.size}px {args.dtype}", "step": kind, "batch": batch,
-        "impl": "jax" if impl == "jax" else f"torch {impl}",
-        "compile s": compile_s[(impl, kind)], "step ms": 1e3 * med, "img/s": ips,
+        "impl": impl if impl.startswith("jax") else f"torch {impl}",
+        "compile s": compile_s[(impl, kind)][0], "compile cpu s": compile_s[(impl, kind)][1],
+        "step ms": 1e3 * med, "img/s": ips,
         "JAX speed-up": med / jax_med, "GFLOP/img": fl / 1e9 if fl else None,
         "MFU": ips * fl / peak if (fl and peak) else None, "times": ts})
   return rows
@@ -391,7 +403,9 @@ def markdown(rows: Sequence[Dict[str, Any]], info: Dict[str, str], command: str,
   lines += ["", "step ms: median over the timed rounds (warm-up excluded); JAX speed-up: the "
             "implementation's step time / the JAX step time (> 1: JAX is faster); GFLOP/img: "
             "XLA cost_analysis of the compiled JAX step / batch (the A-SKD step includes the "
-            "teacher's forward); compile s: JAX lower+compile, torch.compile's first step."]
+            "teacher's forward); compile s: JAX lower+compile (wall; compile cpu s: the process's CPU "
+            "time, meaningful on a loaded machine), torch.compile's first step; jax: compiled "
+            "with askd_jax.train.step.compiler_options(); jax xla-defaults: without."]
   if memory:
     gb = lambda b: f"{b / 1e9:.2f} GB" if b is not None else "n/a"
     lines += ["", f"Memory (compiled A-SKD step, XLA memory_analysis on {info['device']}): "
@@ -417,6 +431,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--lr_sizes", default="14", help="student LR sizes, one drawn per image")
   p.add_argument("--torch", default="eager",
                  help=f"comma-separated subset of {TORCH_VARIANTS}, or 'none'")
+  p.add_argument("--xla_defaults", action="store_true",
+                 help="also time the JAX step compiled with XLA's default options")
   p.add_argument("--memory_batch", type=int, default=0,
                  help="also report the compiled A-SKD step's peak bytes at this batch (0: no)")
   p.add_argument("--out", default="", help="markdown file to append the table to")

@@ -1,0 +1,444 @@
+"""Face detection (supplementary 2.2): TinaFace-CBAM on WIDER FACE (or generated faces).
+
+The teacher trains on high-resolution crops; students see the same batch down-sampled 16x
+or 32x and up-sampled back (on device, in the train step), with a frozen teacher and one
+distillation method, all through the shared train loop.
+
+Batch: {'image': uint8 (B, S, S, 3), 'boxes': float32 (B, G, 4) x1y1x2y2 input pixels,
+'valid': bool (B, G), 'label': int32 (B,)}; G = data.max_boxes (static for jit).
+'label' is a per-image id: only HORKD's group term reads labels, and with it every image is
+its own group (detection has no identities).
+
+Distillation: the paper distils "the attention maps of the four ResNet blocks, not every
+convolution layer"; with student.distill_maps='stages' (default) the Features handed to
+the distillation method keep the CBAM maps of the last block of each of the four stages
+(4 channel + 4 spatial maps); 'all' keeps every block's (16 + 16 in ResNet-50). The stage
+outputs (AT) and the pooled C5 embedding (F-KD, HORKD) are unchanged.
+
+Evaluation: every validation image is letterboxed into an eval.image_size square canvas
+(longer side resized to the canvas, bottom/right padded with grey 128, which is 0 after
+the [-1, 1] scaling), so one compiled shape serves all; a student's evaluation degrades
+the whole canvas by the training factor (canvas // factor). Detections are decoded, scored,
+thresholded (eval.score_thr) and NMS-ed (eval.nms_iou) on the canvas, divided by the
+letterbox scale, clipped to the image and scored with the official WIDER FACE protocol
+(askd_jax.evaluate.widerface).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
+
+import grain.python as grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from PIL import Image
+
+from askd_jax.data import degrade as degrade_lib
+from askd_jax.detection.losses import detection_loss
+from askd_jax.detection.postprocess import postprocess
+from askd_jax.evaluate.widerface import DIFFICULTIES, ImageGT, evaluate_widerface, image_key
+from askd_jax.models.features import Features
+from askd_jax.models.tinaface import TinaFaceCBAM, tinaface_cbam
+from askd_jax.tasks.base import Task
+
+log = logging.getLogger(__name__)
+BATCH_KEYS = ("image", "boxes", "valid", "label")
+PAD_VALUE = 128
+DISTILL_MAPS = ("stages", "all")
+
+
+class Detector(nn.Module):
+  """The train loop's model signature around TinaFace-CBAM.
+
+  __call__(x, labels=None, train) -> ({'cls', 'box', 'iou'}, Features). The detector shares
+  this module's scope, so the parameters are the plain TinaFace tree (backbone, fpn,
+  inception, head).
+  """
+  net: TinaFaceCBAM
+
+  def setup(self):
+    nn.share_scope(self, self.net)
+
+  def __call__(self, x: jax.Array, labels: jax.Array | None = None, train: bool = False):
+    del labels
+    return self.net(x, train)
+
+
+def stage_features(feats: Features, stage_sizes: Sequence[int], which: str = "stages"
+                   ) -> Features:
+  """Features with the CBAM maps of the last block of each stage ('stages') or all ('all')."""
+  if which == "all":
+    return feats
+  if which != "stages":
+    raise ValueError(f"student.distill_maps={which!r} is unknown; use one of {DISTILL_MAPS}")
+  last = np.cumsum(stage_sizes) - 1
+  if len(feats.channel_maps) != int(last[-1]) + 1:
+    raise ValueError(f"features hold {len(feats.channel_maps)} CBAM blocks but the stage "
+                     f"sizes {tuple(stage_sizes)} give {int(last[-1]) + 1}")
+  return feats.replace(channel_maps=tuple(feats.channel_maps[i] for i in last),
+                       spatial_maps=tuple(feats.spatial_maps[i] for i in last))
+
+
+# --------------------------------------------------------------------------- transforms
+
+def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
+  if img.shape[1] == w and img.shape[0] == h:
+    return img
+  return np.asarray(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+
+
+def keep_largest(boxes: np.ndarray, max_boxes: int) -> np.ndarray:
+  """At most max_boxes rows, the largest by area (file order kept among them)."""
+  if len(boxes) <= max_boxes:
+    return boxes
+  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+  idx = np.sort(np.argsort(-area, kind="stable")[:max_boxes])
+  return boxes[idx]
+
+
+def pad_boxes(boxes: np.ndarray, max_boxes: int) -> Tuple[np.ndarray, np.ndarray]:
+  out = np.zeros((max_boxes, 4), np.float32)
+  n = min(len(boxes), max_boxes)
+  out[:n] = boxes[:n]
+  return out, np.arange(max_boxes) < n
+
+
+def flip_boxes(boxes: np.ndarray, valid: np.ndarray, width: int) -> np.ndarray:
+  """Mirror x1y1x2y2 boxes in an image of `width` (padding rows stay zero)."""
+  out = boxes.copy()
+  out[:, 0] = width - boxes[:, 2]
+  out[:, 2] = width - boxes[:, 0]
+  return np.where(valid[:, None], out, 0.0).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFlipBoxes(grain.RandomMapTransform):
+  """Horizontal flip of image and boxes with probability p."""
+  p: float = 0.5
+
+  def random_map(self, record, rng: np.random.Generator):
+    if rng.random() >= self.p:
+      return record
+    img = np.ascontiguousarray(np.asarray(record["image"])[:, ::-1])
+    boxes = flip_boxes(np.asarray(record["boxes"], np.float32), np.asarray(record["valid"]),
+                       img.shape[1])
+    return {**record, "image": img, "boxes": boxes}
+
+
+def random_square_crop(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
+                       crop_choice: Sequence[float], max_tries: int = 50
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+  """TinaFace's RandomSquareCrop: a square of side scale * short side (scale from
+  crop_choice) at a random position; faces whose centre falls inside are kept, shifted and
+  clipped. Tries again (up to max_tries) while no face survives; then keeps the last crop.
+  """
+  h, w = img.shape[:2]
+  for _ in range(max_tries):
+    side = max(int(min(h, w) * float(rng.choice(np.asarray(crop_choice)))), 1)
+    x0 = int(rng.integers(0, w - side + 1))
+    y0 = int(rng.integers(0, h - side + 1))
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    inside = (cx > x0) & (cx < x0 + side) & (cy > y0) & (cy < y0 + side)
+    if inside.any() or len(boxes) == 0:
+      break
+  b = boxes[inside] - np.array([x0, y0, x0, y0], np.float32)
+  b = np.clip(b, 0, side).astype(np.float32)
+  return img[y0:y0 + side, x0:x0 + side], b
+
+
+@dataclasses.dataclass(frozen=True)
+class WiderTrainTransform(grain.RandomMapTransform):
+  """A WIDER FACE record (askd_wider_face 'train') -> a fixed-size training record.
+
+  decode -> RandomSquareCrop -> resize to size x size -> flip; trains on the faces marked
+  valid (not 'invalid', w, h > 0; the others are dropped, as vedadet's ignore boxes are
+  unused by its assigner); at most max_boxes faces, the largest ones.
+  """
+  size: int = 640
+  max_boxes: int = 400
+  crop_choice: Tuple[float, ...] = (0.3, 0.45, 0.6, 0.8, 1.0)
+  flip: bool = True
+
+  def random_map(self, record, rng: np.random.Generator):
+    from askd_jax.data.widerface import decode_image
+    img = decode_image(record["image"])
+    xywh = np.asarray(record["faces/bbox"], np.float32).reshape(-1, 4)
+    valid = np.asarray(record["faces/valid"], bool).reshape(-1)
+    boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)[valid]
+    img, boxes = random_square_crop(img, boxes, rng, self.crop_choice)
+    s = self.size / img.shape[0]
+    img = _resize(img, self.size, self.size)
+    boxes = keep_largest(boxes * s, self.max_boxes)
+    padded, ok = pad_boxes(boxes, self.max_boxes)
+    if self.flip and rng.random() < 0.5:
+      img = np.ascontiguousarray(img[:, ::-1])
+      padded = flip_boxes(padded, ok, self.size)
+    return {"image": img, "boxes": padded, "valid": ok,
+            "label": np.int32(record.get("image/id", 0))}
+
+
+def letterbox(img: np.ndarray, size: int, pad_value: int = PAD_VALUE
+              ) -> Tuple[np.ndarray, float]:
+  """Longer side -> size (aspect kept), pad bottom/right: ((size, size, 3) uint8, scale)."""
+  h, w = img.shape[:2]
+  scale = size / max(h, w)
+  nw, nh = max(int(round(w * scale)), 1), max(int(round(h * scale)), 1)
+  out = np.full((size, size, 3), pad_value, np.uint8)
+  out[:nh, :nw] = _resize(img, nw, nh)
+  return out, scale
+
+
+# --------------------------------------------------------------------------- data
+
+def load_detection_data(dcfg) -> Dict[str, Any]:
+  """{'train': source, 'train_transforms': [...], 'val': callable -> iterator of
+  (name, image uint8 (H, W, 3), ImageGT), 'num_val': int, 'set': row prefix}."""
+  name = dcfg.name
+  size, max_boxes = int(dcfg.image_size), int(dcfg.max_boxes)
+  if name == "synthetic":
+    from askd_jax.data import synthetic_faces as sf
+    spec = sf.FaceSpec(image_size=size, max_faces=int(dcfg.max_faces),
+                       min_face=int(dcfg.min_face), max_face=int(dcfg.max_face),
+                       kind=dcfg.get("kind", "drawn"), seed=int(dcfg.get("synthetic_seed", sf.SEED)))
+    train = sf.SyntheticFaces("train", int(dcfg.num_train), spec, max_boxes)
+    val = sf.SyntheticFaces("val", int(dcfg.num_val), spec, max_boxes)
+
+    def val_items() -> Iterator[Tuple[str, np.ndarray, ImageGT]]:
+      for i in range(len(val)):
+        r = val[i]
+        b = r["boxes"][r["valid"]].astype(np.float64)
+        xywh = np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
+        yield val.name(i), r["image"], ImageGT(val.name(i), xywh,
+                                                {d: np.arange(len(b)) for d in DIFFICULTIES})
+
+    transforms = [RandomFlipBoxes()] if dcfg.get("flip", True) else []
+    return {"train": train, "train_transforms": transforms, "val": val_items,
+            "num_val": len(val), "set": "synthetic"}
+  if name == "widerface":
+    from askd_jax.data import widerface
+    b = widerface.prepare(dcfg.manual_dir, dcfg.data_dir) if dcfg.get("manual_dir") else \
+        widerface.WiderFace(data_dir=dcfg.data_dir)
+    missing = [s for s in ("train", "validation") if s not in b.info.splits]
+    if missing:
+      raise FileNotFoundError(f"{b.data_dir}: askd_wider_face has no {missing} split; prepare it "
+                              "with --config.data.manual_dir=<folder with WIDER_train, WIDER_val, "
+                              "wider_face_split and eval_tools> (see docs/widerface.md)")
+    train, val = b.as_data_source("train"), b.as_data_source("validation")
+
+    def val_items() -> Iterator[Tuple[str, np.ndarray, ImageGT]]:
+      for i in range(len(val)):
+        r = val[i]
+        gt = widerface.gt_from_example(r)
+        yield gt.name, widerface.decode_image(r["image"]), gt
+
+    transforms = [WiderTrainTransform(size, max_boxes, tuple(dcfg.crop_choice),
+                                      dcfg.get("flip", True))]
+    return {"train": train, "train_transforms": transforms, "val": val_items,
+            "num_val": len(val), "set": "widerface"}
+  raise ValueError(f"config.data.name={name!r} is unknown for detection; use widerface or "
+                   "synthetic")
+
+
+# --------------------------------------------------------------------------- the task
+
+class DetectionTask(Task):
+  name = "detection"
+  report_caption = "AP (%) on `{set}` (WIDER FACE protocol: IoU 0.5, all-point VOC AP)"
+
+  def __init__(self, cfg):
+    super().__init__(cfg)
+    self.input_size = int(cfg.data.image_size)
+    self.max_boxes = int(cfg.data.max_boxes)
+    self._data = None
+    self._anchors: Dict[int, np.ndarray] = {}
+
+  # --- data ------------------------------------------------------------------------------
+  @property
+  def data(self) -> Dict[str, Any]:
+    if self._data is None:
+      self._data = load_detection_data(self.cfg.data)
+    return self._data
+
+  @property
+  def num_train_examples(self) -> int:
+    return len(self.data["train"])
+
+  def train_loader(self, global_batch: int, seed: int):
+    from askd_jax.data import pipeline
+    return pipeline.make_train_loader(self.data["train"], global_batch_size=global_batch,
+                                      seed=seed, transforms=self.data["train_transforms"],
+                                      worker_count=self.cfg.data.get("workers", 0),
+                                      keys=BATCH_KEYS)
+
+  def sample_batch(self, n: int) -> Dict[str, np.ndarray]:
+    s, g = self.input_size, self.max_boxes
+    return {"image": np.zeros((n, s, s, 3), np.uint8), "boxes": np.zeros((n, g, 4), np.float32),
+            "valid": np.zeros((n, g), bool), "label": np.zeros((n,), np.int32)}
+
+  # --- model -----------------------------------------------------------------------------
+  def spec(self) -> Dict[str, Any]:
+    m = self.cfg.model
+    return {"task": "detection", "arch": "tinaface_cbam", "depth": int(m.depth),
+            "width": int(m.width), "stage_sizes": list(m.stage_sizes) if m.stage_sizes else None,
+            "fpn_channels": int(m.fpn_channels), "stacked_convs": int(m.stacked_convs),
+            "norm": m.norm, "input_size": self.input_size, "dataset": self.cfg.data.name,
+            "channel_order": "rgb", "input_range": "[-1, 1]"}
+
+  def model(self, dtype=jnp.float32, spec=None):
+    s = spec or self.spec()
+    net = tinaface_cbam(s.get("depth", 50), s.get("width", 64), s.get("fpn_channels", 256),
+                        s.get("stage_sizes") or None, stacked_convs=s.get("stacked_convs", 4),
+                        norm=s.get("norm", "bn"), dtype=dtype)
+    return Detector(net)
+
+  def check_teacher(self, tspec, path):
+    super().check_teacher(tspec, path)
+    mine = self.spec()
+    for k in ("depth", "width", "stage_sizes"):  # the distilled maps must line up
+      if k in tspec and tspec[k] != mine[k]:
+        raise ValueError(f"teacher {path} has {k}={tspec[k]!r} but this run's model.{k} is "
+                         f"{mine[k]!r}; set model.{k} to match or point student.teacher at a "
+                         "matching checkpoint")
+
+  def _stage_sizes(self, model) -> Tuple[int, ...]:
+    return tuple(model.net.stage_sizes)
+
+  def anchors(self, size: int) -> np.ndarray:
+    if size not in self._anchors:
+      self._anchors[size] = self.model().net.anchors_for(size)
+    return self._anchors[size]
+
+  # --- one batch -------------------------------------------------------------------------
+  def forward(self, model, variables, x, batch, *, train: bool, rngs=None):
+    which = self.cfg.student.get("distill_maps", "stages")
+    if train:
+      (out, feats), new_state = model.apply(variables, x, None, train=True, rngs=rngs,
+                                            mutable=["batch_stats"])
+    else:
+      (out, feats), new_state = model.apply(variables, x, None, train=False), {}
+    return (out, stage_features(feats, self._stage_sizes(model), which)), new_state
+
+  def loss(self, outputs, batch):
+    anchors = self.anchors(self.input_size)
+    return detection_loss(outputs, anchors, batch["boxes"], batch["valid"],
+                          self.cfg.get("loss"))
+
+  # --- evaluation ------------------------------------------------------------------------
+  def eval_size(self) -> int:
+    return int(self.cfg.eval.get("image_size") or self.input_size)
+
+  def lr_sizes(self, sizes: Sequence[int], canvas: int) -> Tuple[int, ...]:
+    """Training LR sizes (of data.image_size) -> the same down-sampling factor on the canvas."""
+    out = []
+    for s in sizes:
+      lr = int(round(canvas * int(s) / self.input_size))
+      if lr < 1:
+        raise ValueError(f"LR size {s} of {self.input_size} px is below one pixel on the "
+                         f"{canvas} px evaluation canvas; raise eval.image_size")
+      out.append(lr)
+    return tuple(out)
+
+  def predict_fn(self, model, sizes: Sequence[int] = (), canvas: int | None = None):
+    """jitted (variables, images uint8 (B, C, C, 3), scale (B,), key) -> postprocess dict."""
+    from askd_jax.train.loop import student_degrade_cfg
+    canvas = canvas or self.eval_size()
+    lr = self.lr_sizes(sizes, canvas) if sizes else ()
+    deg = degrade_lib.make_degrade(student_degrade_cfg(self.cfg.student, lr)) if lr else None
+    anchors = jnp.asarray(model.net.anchors_for(canvas))
+    e = self.cfg.eval
+
+    @jax.jit
+    def predict(variables, images, scale, key):
+      x = self.preprocess({"image": images})
+      if deg is not None:
+        x = deg(x, key)
+      (out, _), _ = self.forward(model, variables, x, {}, train=False)
+      return postprocess(out, anchors, canvas, score_thr=float(e.score_thr),
+                         nms_iou=float(e.nms_iou), max_det=int(e.max_det),
+                         pre_nms_topk=int(e.pre_nms_topk), alpha=float(e.get("alpha", 0.4)),
+                         min_size=float(e.get("min_size", 1.0)), scale=scale)
+
+    return predict
+
+  def predictions(self, model, variables, sizes: Sequence[int] = ()
+                  ) -> Tuple[Dict[str, np.ndarray], List[ImageGT]]:
+    """({image name: (N, 5) x1, y1, x2, y2, score in image pixels}, ground truth)."""
+    canvas = self.eval_size()
+    predict = self.predict_fn(model, tuple(sizes), canvas)
+    batch = int(self.cfg.eval.batch_size)
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    key = jax.random.key(self.cfg.get("seed", 0))
+    preds: Dict[str, np.ndarray] = {}
+    gts: List[ImageGT] = []
+    pending: List[Tuple[str, Tuple[int, int], np.ndarray, float]] = []
+
+    def flush(step: int):
+      n = len(pending)
+      imgs = np.stack([p[2] for p in pending] + [pending[-1][2]] * (batch - n))
+      scale = np.array([p[3] for p in pending] + [pending[-1][3]] * (batch - n), np.float32)
+      r = jax.device_get(predict(variables, imgs, scale, jax.random.fold_in(key, step)))
+      for i, (name, (h, w), _, _) in enumerate(pending):
+        v = np.asarray(r["valid"][i], bool)
+        b = np.asarray(r["boxes"][i], np.float64)[v]
+        b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, w)
+        b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, h)
+        s = np.asarray(r["scores"][i], np.float64)[v]
+        preds[image_key(name)] = np.concatenate([b, s[:, None]], axis=1).reshape(-1, 5)
+      pending.clear()
+
+    step = 0
+    for name, img, gt in self.data["val"]():
+      canvas_img, scale = letterbox(img, canvas)
+      pending.append((name, img.shape[:2], canvas_img, scale))
+      gts.append(gt)
+      if len(pending) == batch:
+        flush(step)
+        step += 1
+    if pending:
+      flush(step)
+    return preds, gts
+
+  def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
+    """{'<set>_<difficulty>': {'accuracy': AP, 'std': None, 'count': images}}."""
+    preds, gts = self.predictions(model, variables, sizes)
+    ap = evaluate_widerface(preds, gts)
+    prefix = self.data["set"]
+    return {f"{prefix}_{d}": {"accuracy": float(ap[d]), "std": None, "count": len(gts)}
+            for d in DIFFICULTIES}
+
+
+# --------------------------------------------------------------------------- baseline
+
+def random_detections(gts: Sequence[ImageGT], image_sizes: Sequence[Tuple[int, int]],
+                      per_image: int, width_range: Tuple[float, float],
+                      ratio_range: Tuple[float, float] = (1.1, 1.5), seed: int = 0
+                      ) -> Dict[str, np.ndarray]:
+  """Chance-level detector: per image `per_image` boxes of width U(width_range), height
+  width * U(ratio_range), uniformly placed inside the (H, W) image, scores U(0, 1).
+
+  Knows the face size and shape prior of the data, so it is a generous chance baseline.
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for gt, (h, w) in zip(gts, image_sizes):
+    bw = rng.uniform(*width_range, per_image)
+    bh = np.minimum(bw * rng.uniform(*ratio_range, per_image), h)
+    bw = np.minimum(bw, w)
+    x1 = rng.uniform(0, 1, per_image) * (w - bw)
+    y1 = rng.uniform(0, 1, per_image) * (h - bh)
+    out[image_key(gt.name)] = np.stack([x1, y1, x1 + bw, y1 + bh, rng.uniform(0, 1, per_image)],
+                                       axis=1)
+  return out
+
+
+def random_baseline_ap(gts: Sequence[ImageGT], image_sizes: Sequence[Tuple[int, int]],
+                       per_image: int, width_range: Tuple[float, float],
+                       ratio_range: Tuple[float, float] = (1.1, 1.5), seed: int = 0
+                       ) -> Dict[str, float]:
+  """{'easy', 'medium', 'hard'} AP of `random_detections` through the same evaluator."""
+  return evaluate_widerface(random_detections(gts, image_sizes, per_image, width_range,
+                                              ratio_range, seed), gts)
