@@ -7,6 +7,7 @@ sharing one JAX compilation cache so restarts do not recompile. CPU, float32, fi
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -35,14 +36,41 @@ TIMEOUT = 400
 
 # --- helpers -------------------------------------------------------------------------------
 
+def _shared_dir(tmp_path_factory, name: str) -> Path:
+  """A directory every pytest-xdist worker of this session sees (the parent of theirs)."""
+  base = tmp_path_factory.getbasetemp()
+  d = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"reliability_{name}"
+  d.mkdir(exist_ok=True)
+  return d
+
+
+def _once(tmp_path_factory, name: str, build) -> tuple:
+  """Run build(dir) -> JSON-able info once per session, whichever worker comes first."""
+  d = _shared_dir(tmp_path_factory, name)
+  done = d / "done.json"
+  with open(d / "lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not done.exists():
+        done.write_text(json.dumps(build(d)))
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return d, json.loads(done.read_text())
+
+
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-  return str(tmp_path_factory.mktemp("xla_cache"))
+def common(tmp_path_factory) -> list:
+  """Overrides every run shares: one tfds dir for the 16 px ORL build, the XLA cache."""
+  tfds = _shared_dir(tmp_path_factory, "tfds")
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    cache = ""  # leave JAX on the persistent cache tests/conftest.py sets
+  else:
+    cache = str(_shared_dir(tmp_path_factory, "xla"))
+  return [f"--config.data.data_dir={tfds}", f"--config.jax_cache_dir={cache}"]
 
 
-def _cmd(workdir, cache, *extra):
-  return [sys.executable, "-m", "askd_jax.main", *BASE, f"--workdir={workdir}",
-          f"--config.jax_cache_dir={cache}", *extra]
+def _cmd(workdir, common, *extra):
+  return [sys.executable, "-m", "askd_jax.main", *BASE, *common, f"--workdir={workdir}", *extra]
 
 
 def _env():
@@ -71,6 +99,15 @@ class Proc:
       self._fe.close()
     return rc
 
+  def poll_until(self, cond, timeout=TIMEOUT) -> bool:
+    """Wait until cond() holds (True) or the process ended (False)."""
+    deadline = time.time() + timeout
+    while self.p.poll() is None and time.time() < deadline:
+      if cond():
+        return True
+      time.sleep(0.02)
+    return False
+
   @property
   def stdout(self) -> str:
     return self.out.read_text()
@@ -86,10 +123,10 @@ def run_cli(cmd, logdir: Path, name: str, timeout=TIMEOUT):
   return rc, p.stdout, p.stderr
 
 
-def ckpt_steps(workdir) -> set:
+def ckpt_steps(workdir, stage=None) -> set:
   """{(stage, step)} of the complete checkpoint steps under the workdir."""
   out = set()
-  for d in glob.glob(os.path.join(workdir, "*", "checkpoints", "*")):
+  for d in glob.glob(os.path.join(workdir, stage or "*", "checkpoints", "*")):
     if os.path.basename(d).isdigit():
       out.add((Path(d).parents[1].name, int(os.path.basename(d))))
   return out
@@ -116,6 +153,9 @@ def assert_same_final(ref_dir, other_dir):
     assert sorted(a) == sorted(b)
     diff = [k for k in a if not (a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]))]
     assert not diff, f"{stage}: {len(diff)} of {len(a)} arrays differ, e.g. {diff[:3]}"
+  rows = lambda d: {k: v for k, v in json.loads((Path(d) / "results.json").read_text()).items()
+                    if k != "meta"}  # meta holds the wall time
+  assert rows(other_dir) == rows(ref_dir)
 
 
 def one_error_line(stderr: str) -> str:
@@ -126,76 +166,82 @@ def one_error_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ref_run(tmp_path_factory, cache):
+def ref_run(tmp_path_factory, common) -> Path:
   """One uninterrupted run: the parameters every interrupted run must end with."""
-  root = tmp_path_factory.mktemp("ref")
-  rc, out, err = run_cli(_cmd(root / "w", cache), root, "ref")
-  assert rc == 0, err[-3000:]
-  return root / "w"
+  def build(d):
+    rc, out, err = run_cli(_cmd(d / "w", common), d, "ref")
+    assert rc == 0, err[-3000:]
+    return {}
+  d, _ = _once(tmp_path_factory, "ref", build)
+  assert all((d / "w" / s / "DONE").exists() for s in STAGES)
+  return d / "w"
 
 
-# --- exact resume ----------------------------------------------------------------------------
-
-def test_sigkill_at_random_steps_resumes_bit_for_bit(ref_run, cache, tmp_path):
-  seed = int.from_bytes(os.urandom(4), "little")
-  rng = random.Random(seed)
-  w = tmp_path / "w"
-  kills, rc, n = [], None, 0
-  while rc is None:
-    n += 1
-    assert n <= 8, f"no completion after {n - 1} restarts (seed {seed}, kills {kills})"
-    p = Proc(_cmd(w, cache), tmp_path, f"run{n}")
-    if len(kills) < 3:  # kill after 1-2 new checkpoints plus a random delay (maybe mid-save)
-      seen, want = ckpt_steps(w), rng.randint(1, 2)
-      deadline = time.time() + TIMEOUT
-      while p.p.poll() is None and time.time() < deadline:
-        if len(ckpt_steps(w) - seen) >= want:
-          time.sleep(rng.uniform(0.0, 0.6))
-          p.p.send_signal(signal.SIGKILL)
-          kills.append(sorted(ckpt_steps(w) - seen))
-          break
-        time.sleep(0.02)
-    code = p.wait()
-    if code == 0:
-      rc = 0
-    else:
-      assert code == -signal.SIGKILL, f"run {n} exited {code}: {p.stderr[-3000:]}"
-  print(f"seed {seed}: killed {len(kills)} times after new checkpoints {kills}")
-  assert len(kills) >= 2, f"the run finished before it could be killed twice (seed {seed})"
-  assert_same_final(ref_run, w)
-  assert not glob.glob(str(w / "*" / "checkpoints" / "*tmp*")), "a partial step was left"
-  rows = lambda d: {k: v for k, v in json.loads((d / "results.json").read_text()).items()
-                    if k != "meta"}  # meta holds the wall time
-  assert rows(w) == rows(ref_run)
-
-
-# --- SIGTERM, then a corrupt newest checkpoint ---------------------------------------------------
+# --- exact resume, SIGTERM, corrupt newest checkpoint -------------------------------------------
 
 @pytest.fixture(scope="module")
-def sigterm_run(tmp_path_factory, cache):
-  root = tmp_path_factory.mktemp("term")
-  w = root / "w"
-  p = Proc(_cmd(w, cache), root, "term")
-  deadline = time.time() + TIMEOUT
-  while p.p.poll() is None and time.time() < deadline:
-    if len({s for s in ckpt_steps(w) if s[0] == "teacher"}) >= 2:
-      p.p.send_signal(signal.SIGTERM)
-      break
-    time.sleep(0.02)
-  rc = p.wait()
-  return w, rc, p.stdout, p.stderr
+def interrupted(tmp_path_factory, common) -> tuple:
+  """The same command run to the end through SIGKILLs at random moments and one SIGTERM:
+
+  run 1 and 2: SIGKILL 0-0.6 s after 1-2 new checkpoints (any step, maybe mid-save);
+  run 3: SIGTERM once the student has two checkpoints (a copy of the workdir is kept);
+  run 4: SIGKILL as in run 1 if it is still training; then runs until it exits 0.
+  """
+  def build(d):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    w = d / "w"
+    info = {"seed": seed, "kills": [], "codes": []}
+    for n in range(1, 9):
+      p = Proc(_cmd(w, common), d, f"run{n}")
+      seen = ckpt_steps(w)
+      if n == 3:
+        student = lambda: ckpt_steps(w, STAGES[1])
+        if p.poll_until(lambda: len(student()) >= 2 and student() - seen):
+          p.p.send_signal(signal.SIGTERM)
+      elif n in (1, 2, 4):
+        want = rng.randint(1, 2)
+        if p.poll_until(lambda: len(ckpt_steps(w) - seen) >= want):
+          time.sleep(rng.uniform(0.0, 0.6))
+          p.p.send_signal(signal.SIGKILL)
+          info["kills"].append(sorted(ckpt_steps(w) - seen))
+      code = p.wait()
+      info["codes"].append(code)
+      if n == 3:
+        info.update(term_rc=code, term_out=p.stdout, term_err=p.stderr[-3000:],
+                    term_steps=sorted(ckpt_steps(w)))
+        shutil.copytree(w, d / "after_sigterm")
+      elif code == 0 and n > 3:
+        break
+      assert code in (0, -signal.SIGKILL), f"run {n} exited {code}: {p.stderr[-3000:]}"
+    print(f"seed {seed}: SIGKILL after new checkpoints {info['kills']}, exit codes "
+          f"{info['codes']}")
+    return info
+  return _once(tmp_path_factory, "interrupted", build)
 
 
-def test_sigterm_saves_and_exits_0_with_resume_message(sigterm_run):
-  w, rc, out, err = sigterm_run
-  assert rc == 0, err[-3000:]
+@pytest.mark.slow
+def test_sigkill_at_random_steps_resumes_bit_for_bit(ref_run, interrupted):
+  d, info = interrupted
+  assert info["codes"][-1] == 0, info
+  assert len(info["kills"]) >= 2, f"finished before it was killed twice: {info}"
+  assert_same_final(ref_run, d / "w")
+  assert not glob.glob(str(d / "w" / "*" / "checkpoints" / "*tmp*")), "a partial step was left"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_0_with_resume_message(interrupted):
+  d, info = interrupted
+  assert info["term_rc"] == 0, info["term_err"]
   m = re.search(r"SIGTERM received: stage (\S+) stopped after step (\d+) and saved a checkpoint "
-                r"in (\S+); run the same command again to resume", out)
-  assert m, out[-2000:]
+                r"in (\S+); run the same command again to resume", info["term_out"])
+  assert m, info["term_out"][-2000:]
   stage, step = m.group(1), int(m.group(2))
-  assert stage == "teacher" and 4 <= step < STEPS
-  assert Path(m.group(3)) == w / stage
-  assert (stage, step) in ckpt_steps(w) and max(s for g, s in ckpt_steps(w) if g == stage) == step
+  assert stage == STAGES[1] and 3 <= step < STEPS, m.group(0)
+  w = d / "after_sigterm"
+  assert Path(m.group(3)) == d / "w" / stage
+  steps = {s for g, s in ckpt_steps(w) if g == stage}
+  assert max(steps) == step and len(steps) == 2
   assert int(final_arrays(w / stage)["['step']"]) == step  # the state inside says so too
   assert not (w / stage / "DONE").exists()
 
@@ -212,19 +258,20 @@ def _corrupt_newest(stage_dir: Path) -> int:
   return steps[-1]
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_finishes_bit_for_bit(sigterm_run, ref_run,
-                                                                       cache, tmp_path):
-  w0, rc, _, _ = sigterm_run
-  assert rc == 0
-  w = tmp_path / "w"
-  shutil.copytree(w0, w)
-  bad = _corrupt_newest(w / "teacher")
-  older = max(s for g, s in ckpt_steps(w) if g == "teacher" and s < bad)
-  rc, out, err = run_cli(_cmd(w, cache), tmp_path, "resume")
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_and_finishes_bit_for_bit(ref_run, interrupted,
+                                                                       common, tmp_path):
+  d, _ = interrupted
+  w = tmp_path / "w"  # also a moved workdir: the teacher path changes, its parameters do not
+  shutil.copytree(d / "after_sigterm", w)
+  bad = _corrupt_newest(w / STAGES[1])
+  older = max(s for _, s in ckpt_steps(w, STAGES[1]) if s < bad)
+  rc, out, err = run_cli(_cmd(w, common), tmp_path, "resume")
   assert rc == 0, err[-3000:]
   assert re.search(rf"checkpoint step {bad} in \S+ is unreadable .*falling back to step {older}",
                    err), err[-3000:]
-  assert glob.glob(str(w / "teacher" / "checkpoints" / f"{bad}.unreadable-*"))
+  assert "the teacher moved from" in err
+  assert glob.glob(str(w / STAGES[1] / "checkpoints" / f"{bad}.unreadable-*"))
   assert_same_final(ref_run, w)
 
 
@@ -236,7 +283,6 @@ def test_all_checkpoints_corrupt_is_refused_clearly(tmp_path):
   for s in (1, 2):
     state_io.save(mgr, s, st, None, {})
   for s in (1, 2):
-    shutil.rmtree(tmp_path / "ck" / str(s) / "state" / "d", ignore_errors=True)
     for f in (tmp_path / "ck" / str(s) / "state").rglob("manifest.ocdbt"):
       f.write_bytes(b"garbage")
   with pytest.raises(state_io.CheckpointError, match=r"none of the checkpoint steps \[1, 2\] can "
@@ -262,9 +308,10 @@ def test_state_io_save_is_idempotent_and_cleans_partial_steps(tmp_path):
 
 # --- NaN guard -------------------------------------------------------------------------------
 
-def test_nan_stop_names_step_and_terms_keeps_last_good_then_skip_counts(cache, tmp_path):
+@pytest.mark.slow
+def test_nan_stop_names_step_and_terms_keeps_last_good_then_skip_counts(common, tmp_path):
   w = tmp_path / "w"
-  cmd = _cmd(w, cache, "--config.train.lr=1e30", "--config.student.sizes=()",
+  cmd = _cmd(w, common, "--config.train.lr=1e30", "--config.student.sizes=()",
              "--config.train.checkpoint_every=1")
   rc, out, err = run_cli(cmd, tmp_path, "stop")
   assert rc == 1, err[-3000:]
@@ -296,9 +343,9 @@ def test_nan_stop_names_step_and_terms_keeps_last_good_then_skip_counts(cache, t
 
 # --- workdir guard and teacher check -------------------------------------------------------------
 
-def test_workdir_guard_refuses_another_config(ref_run, cache, tmp_path):
+def test_workdir_guard_refuses_another_config(ref_run, common, tmp_path):
   before = (ref_run / "config.json").read_text()
-  rc, out, err = run_cli(_cmd(ref_run, cache, "--config.train.lr=0.05"), tmp_path, "guard")
+  rc, out, err = run_cli(_cmd(ref_run, common, "--config.train.lr=0.05"), tmp_path, "guard")
   assert rc == 1
   line = one_error_line(err)
   assert str(ref_run) in line and "--overwrite" in line and "another config" in line
@@ -334,23 +381,15 @@ def test_workdir_guard_overwrite_moves_old_run_aside(tmp_path):
   assert saved["config"]["train"]["lr"] == 0.05
 
 
-def _reopen_student(ref_run, dst: Path) -> Path:
-  shutil.copytree(ref_run, dst)
-  for f in ("DONE", "eval.json"):
-    (dst / STAGES[1] / f).unlink()
-  return dst
-
-
-def test_student_resume_refuses_a_changed_teacher(ref_run, cache, tmp_path):
-  # A moved workdir (same teacher parameters, another path) resumes, with a warning.
-  w = _reopen_student(ref_run, tmp_path / "moved")
-  rc, out, err = run_cli(_cmd(w, cache), tmp_path, "moved")
-  assert rc == 0, err[-3000:]
-  assert "the teacher moved from" in err
-  # Another teacher (here: its newest checkpoint gone, so an older one loads) is refused.
-  w = _reopen_student(ref_run, tmp_path / "changed")
-  shutil.rmtree(w / "teacher" / "checkpoints" / str(STEPS))
-  rc, out, err = run_cli(_cmd(w, cache), tmp_path, "changed")
+@pytest.mark.slow
+def test_student_resume_refuses_a_changed_teacher(ref_run, common, tmp_path):
+  # (A moved workdir, same teacher parameters at another path, resumes: see the corrupt test.)
+  w = tmp_path / "w"
+  shutil.copytree(ref_run, w)
+  for f in ("DONE", "eval.json"):  # the student stage is unfinished again
+    (w / STAGES[1] / f).unlink()
+  shutil.rmtree(w / "teacher" / "checkpoints" / str(STEPS))  # an older teacher now loads
+  rc, out, err = run_cli(_cmd(w, common), tmp_path, "changed")
   assert rc == 1, err[-3000:]
   line = one_error_line(err)
   assert re.search(r"this student was trained up to step \d+ against teacher .*params hash "

@@ -14,7 +14,7 @@ variant A-SKD distils; the original CBAM code adds both, a few thousand paramete
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

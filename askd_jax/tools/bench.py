@@ -157,23 +157,29 @@ def memory_report(args, batch: int) -> Dict[str, Any]:
   """Peak bytes of the compiled A-SKD step at `batch` and batch // 2 (abstract arguments:
   nothing is allocated), and the largest batch a linear fit puts under 80 GB."""
   sizes = {}
+  fns = jax_step_fns(argparse.Namespace(**{**vars(args), "steps_kind": "askd"}), 1)["askd"]
+  state, tvars, _ = fns["args"]
   for b in (batch // 2, batch):
-    fns = jax_step_fns(argparse.Namespace(**{**vars(args), "steps_kind": "askd"}), 1)["askd"]
-    state, tvars, _ = fns["args"]
     abstract_batch = {"image": jax.ShapeDtypeStruct((b, args.size, args.size, 3), jnp.uint8),
                       "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
     compiled = jax.jit(fns["fn"], donate_argnums=(0,),
                        compiler_options=compiler_options() or None).lower(
         _abstract(state), _abstract(tvars), abstract_batch).compile()
     sizes[b] = peak_bytes(compiled)
-  b1, b2 = batch // 2, batch
-  if sizes[b1] is None or sizes[b2] is None:
-    return {"batch": batch, "peak_bytes": None, "max_batch_80gb": None}
-  per_img = (sizes[b2] - sizes[b1]) / (b2 - b1)
-  fixed = sizes[b2] - per_img * b2
-  max_b = int((80e9 - fixed) // per_img) if per_img > 0 else None
-  return {"batch": batch, "peak_bytes": sizes[b2], "peak_bytes_half": sizes[b1],
-          "bytes_per_image": per_img, "max_batch_80gb": max_b}
+  return {"batch": batch, "peak_bytes": sizes[batch], "peak_bytes_half": sizes[batch // 2],
+          **fit_max_batch(sizes)}
+
+
+def fit_max_batch(sizes: Dict[int, Optional[int]], budget: float = 80e9) -> Dict[str, Any]:
+  """Linear fit bytes = fixed + per_image * batch through two batches; the largest batch
+  whose peak stays under `budget` (activations grow linearly with the batch)."""
+  (b1, m1), (b2, m2) = sorted(sizes.items())
+  if m1 is None or m2 is None or b1 == b2:
+    return {"bytes_per_image": None, "max_batch_80gb": None}
+  per_img = (m2 - m1) / (b2 - b1)
+  fixed = m2 - per_img * b2
+  return {"bytes_per_image": per_img,
+          "max_batch_80gb": int((budget - fixed) // per_img) if per_img > 0 else None}
 
 
 def jax_runner(compiled, args):
@@ -294,17 +300,22 @@ def _torch_blur_kernel(torch):
 # Timing and report
 
 
-def time_interleaved(runners: Dict[str, Callable[[], Any]], steps: int) -> Dict[str, List[float]]:
-  """One warm-up call each (excluded), then `steps` rounds of one timed call per runner."""
+def time_interleaved(runners: Dict[str, Callable[[], Any]], steps: int):
+  """One warm-up call each (excluded), then `steps` rounds of one timed call per runner.
+
+  Returns ({name: wall seconds per step}, {name: process CPU seconds per step}).
+  """
   for run in runners.values():
     run()
   times = {k: [] for k in runners}
+  cpu = {k: [] for k in runners}
   for _ in range(steps):
     for k, run in runners.items():
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       run()
       times[k].append(time.perf_counter() - t)
-  return times
+      cpu[k].append(time.process_time() - c)
+  return times, cpu
 
 
 def machine_info() -> Dict[str, str]:
@@ -337,7 +348,8 @@ def machine_info() -> Dict[str, str]:
   return info
 
 
-COLUMNS = ("model", "step", "batch", "impl", "compile s", "compile cpu s", "step ms", "img/s",
+COLUMNS = ("model", "step", "batch", "impl", "compile s", "compile cpu s", "step ms",
+           "step cpu ms", "img/s",
            "JAX speed-up", "GFLOP/img", "MFU")
 
 
@@ -362,7 +374,7 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
       compile_s[(variant, kind)] = ((time.perf_counter() - t, None) if variant == "compile"
                                     else (None, None))
       runners[(variant, kind)] = run
-  times = time_interleaved(runners, args.steps)
+  times, cpu = time_interleaved(runners, args.steps)
   kind_dev = jax.devices()[0].device_kind
   peak = peak_flops(kind_dev, args.dtype)
   model = (f"iResNet{args.depth}-CBAM w{args.width:g}" if not args.stage_sizes else
@@ -376,7 +388,8 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
         "model": f"{model} {args.size}px {args.dtype}", "step": kind, "batch": batch,
         "impl": impl if impl.startswith("jax") else f"torch {impl}",
         "compile s": compile_s[(impl, kind)][0], "compile cpu s": compile_s[(impl, kind)][1],
-        "step ms": 1e3 * med, "img/s": ips,
+        "step ms": 1e3 * med, "step cpu ms": 1e3 * statistics.median(cpu[(impl, kind)]),
+        "img/s": ips,
         "JAX speed-up": med / jax_med, "GFLOP/img": fl / 1e9 if fl else None,
         "MFU": ips * fl / peak if (fl and peak) else None, "times": ts})
   return rows
@@ -400,7 +413,9 @@ def markdown(rows: Sequence[Dict[str, Any]], info: Dict[str, str], command: str,
     cells = [_fmt(r[c]) for c in COLUMNS]
     cells[COLUMNS.index("MFU")] = (f"{100 * r['MFU']:.1f}%" if r["MFU"] is not None else "n/a")
     lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", "step ms: median over the timed rounds (warm-up excluded); JAX speed-up: the "
+  lines += ["", "step ms: median wall time over the interleaved timed rounds (warm-up "
+            "excluded); step cpu ms: median CPU time of the process in a step (all threads; "
+            "spinning threads count); JAX speed-up: the "
             "implementation's step time / the JAX step time (> 1: JAX is faster); GFLOP/img: "
             "XLA cost_analysis of the compiled JAX step / batch (the A-SKD step includes the "
             "teacher's forward); compile s: JAX lower+compile (wall; compile cpu s: the process's CPU "
