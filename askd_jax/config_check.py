@@ -74,7 +74,8 @@ def normalize(cfg) -> None:
           if cast is int and isinstance(part, str) and part.lstrip("-").isdigit():
             part = int(part)
           out.append(part)
-      st[field] = tuple(out)
+      if tuple(out) != tuple(vals):  # leave untouched fields (and FieldReferences) alone
+        st[field] = tuple(out)
 
 
 class _Null:

@@ -232,12 +232,24 @@ def main(argv):
       return
     run(cfg, workdir, _OVERWRITE.value)
   except Preempted as e:
+    _close_progress_bars()
     print(str(e))
     sys.exit(0)
   except ConfigError as e:
     _fail(str(e), 2)
   except (NonFiniteError, CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
+    _close_progress_bars()
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 1)
+
+
+def _close_progress_bars() -> None:
+  """End a progress bar left mid-line, so the message below starts a line of its own."""
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    return
+  for bar in list(getattr(tqdm, "_instances", ())):
+    bar.close()
 
 
 if __name__ == "__main__":

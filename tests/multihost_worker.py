@@ -47,7 +47,7 @@ def tiny_config(method: str = "askd", **train_overrides):
   c.model.dropout = 0.2
   c.train.batch_size = GLOBAL_BATCH
   c.train.steps = 3
-  c.train.lr = 0.1
+  c.train.lr = 0.01  # 0.1 amplifies float32 reduction-order noise past 1e-5 in 3 steps
   c.train.lr_boundaries = ()
   c.train.log_every = 1
   c.train.checkpoint_every = 0
@@ -141,11 +141,17 @@ def flat(tree):
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def rel_diff(a, b) -> float:
-  """Largest per-leaf ||a - b|| / ||b|| over two flat dicts of arrays."""
+def rel_diff(a, b) -> dict:
+  """{'rel': largest ||a - b|| / ||b|| over leaves with ||b|| > 1e-4, 'abs': largest |a - b|}.
+
+  Biases right before a BatchNorm (shortcut_bn, fc) get an exactly-zero gradient, so they
+  stay at ~1e-8 of rounding noise: only an absolute bound makes sense for them."""
   import numpy as np
   assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-  return max(float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-30)) for k in a)
+  rel = [float(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(b[k])) for k in a
+         if np.linalg.norm(b[k]) > 1e-4]
+  return {"rel": max(rel), "abs": max(float(np.abs(a[k] - b[k]).max()) for k in a),
+          "finite": all(bool(np.isfinite(a[k]).all()) for k in a)}
 
 
 # --- equiv: one process, 1 vs 4 devices --------------------------------------------------------
@@ -172,7 +178,7 @@ def run_equiv(out_path: str) -> None:
   batches = [{"image": np.stack([recs[i]["image"] for i in idx]),
               "label": np.asarray([recs[i]["label"] for i in idx], np.int32)}
              for idx in np.split(order[:3 * GLOBAL_BATCH], 3)]
-  tx = sgd_torch(0.1, 0.9, 5e-4, True)
+  tx = sgd_torch(cfg.train.lr, 0.9, 5e-4, True)
   degrade_fn = degrade_lib.make_degrade(student_degrade_cfg(cfg.student, (LR_SIZE,)))
 
   def fresh_state(model):
@@ -220,16 +226,16 @@ def run_equiv(out_path: str) -> None:
   for method in ("askd", "at"):
     r1, p1, s1 = run(1, method)
     r4, p4, s4 = run(4, method)
-    results[method] = {"one": r1, "four": r4, "param_rel": rel_diff(p4, p1),
-                       "stats_rel": rel_diff(s4, s1)}
+    results[method] = {"one": r1, "four": r4, "params": rel_diff(p4, p1),
+                       "stats": rel_diff(s4, s1)}
     ref[method] = (p1, s1)
   # The sharding switch: leaves >= 256 elements (margin weight (16, 32), momentum, convs).
   rs, ps, ss = run(4, "askd", shard_min=256)
-  results["sharded"] = {"run": rs, "param_rel": rel_diff(ps, ref["askd"][0]),
-                        "stats_rel": rel_diff(ss, ref["askd"][1])}
+  results["sharded"] = {"run": rs, "params": rel_diff(ps, ref["askd"][0]),
+                        "stats": rel_diff(ss, ref["askd"][1])}
   # bfloat16 compute on the 4-device mesh.
   rb, pb, _ = run(4, "askd", dtype=jnp.bfloat16)
-  results["bf16"] = {"run": rb, "param_rel": rel_diff(pb, ref["askd"][0])}
+  results["bf16"] = {"run": rb, "params": rel_diff(pb, ref["askd"][0])}
 
   # The mixed-precision policy, read off one bfloat16 forward pass.
   model = task.model(dtype=jnp.bfloat16)

@@ -1,10 +1,12 @@
 """A synthetic 10-class shape data set for the offline classification demo (no download).
 
 Each image holds one shape (the class) at a random position, size, rotation and colour on
-a noisy two-tone gradient background, with 0-3 small distractor dots. Telling a pentagon
-from a hexagon or a circle needs the shape's outline: at 32 px that is easy, at 8 px
-(4x down-sampling) the outline is a few pixels, so low resolution really hurts and
-knowing *where* the object is (the teacher's attention) is worth something.
+a noisy two-tone gradient background, with 0-3 small distractor dots. Several classes
+differ only in a detail a few pixels wide at 8 px (4x down-sampling): a ring, a frame and
+a crescent are a disc or a square with a hole or a bite, a pair is two discs a gap apart,
+a star and a cross differ in their arms. At 32 px these are plain; at 8 px they blur into
+blobs, so low resolution really hurts and knowing *where* the object is and which detail
+matters (the teacher's attention) is worth something.
 
 Everything is a function of (split, index): record i of a split is rendered from
 `np.random.default_rng([SEED, split_id, i])` at 4x supersampling and box-filtered down
@@ -25,8 +27,8 @@ from PIL import Image, ImageDraw
 
 from askd_jax.data.imagenet import default_data_dir, file_lock
 
-CLASSES = ("circle", "ring", "triangle", "square", "pentagon", "hexagon", "star", "cross",
-           "semicircle", "bar")
+CLASSES = ("disc", "ring", "triangle", "square", "frame", "star", "cross", "bar", "pair",
+           "crescent")
 SEED = 20220807
 SPLIT_IDS = {"train": 0, "test": 1}
 SUPERSAMPLE = 4
@@ -45,29 +47,36 @@ def _rotated(points, rot: float, cx: float, cy: float):
 def _draw_shape(d: ImageDraw.ImageDraw, cls: str, cx: float, cy: float, r: float, rot: float,
                 color, bg) -> None:
   """One shape of radius ~r centred at (cx, cy), in supersampled pixels."""
-  if cls == "circle":
-    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-  elif cls == "ring":
-    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-    d.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=bg)
-  elif cls in ("triangle", "square", "pentagon", "hexagon"):
-    n = {"triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6}[cls]
-    d.polygon(_polygon(n, r, rot, cx, cy), fill=color)
+  disc = lambda x, y, rr, fill: d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=fill)
+  if cls == "disc":
+    disc(cx, cy, r, color)
+  elif cls == "ring":  # a disc with a hole: the hole is what low resolution erases
+    disc(cx, cy, r, color)
+    disc(cx, cy, 0.55 * r, bg)
+  elif cls in ("triangle", "square"):
+    d.polygon(_polygon(3 if cls == "triangle" else 4, r, rot, cx, cy), fill=color)
+  elif cls == "frame":  # a square outline
+    d.polygon(_polygon(4, r, rot, cx, cy), fill=color)
+    d.polygon(_polygon(4, 0.55 * r, rot, cx, cy), fill=bg)
   elif cls == "star":
     pts = [(r * (1.0 if k % 2 == 0 else 0.45) * math.cos(math.pi * k / 5),
             r * (1.0 if k % 2 == 0 else 0.45) * math.sin(math.pi * k / 5)) for k in range(10)]
     d.polygon(_rotated(pts, rot, cx, cy), fill=color)
   elif cls == "cross":
-    a, b = r, 0.33 * r
+    a, b = r, 0.3 * r
     for pts in ([(-a, -b), (a, -b), (a, b), (-a, b)], [(-b, -a), (b, -a), (b, a), (-b, a)]):
       d.polygon(_rotated(pts, rot, cx, cy), fill=color)
-  elif cls == "semicircle":
-    pts = [(r * math.cos(math.pi * k / 24), -0.5 * r + r * math.sin(math.pi * k / 24))
-           for k in range(25)]
-    d.polygon(_rotated(pts, rot, cx, cy), fill=color)
   elif cls == "bar":
     a, b = r, 0.3 * r
     d.polygon(_rotated([(-a, -b), (a, -b), (a, b), (-a, b)], rot, cx, cy), fill=color)
+  elif cls == "pair":  # two discs a small gap apart
+    (x0, y0), (x1, y1) = _rotated([(-0.55 * r, 0.0), (0.55 * r, 0.0)], rot, cx, cy)
+    disc(x0, y0, 0.42 * r, color)
+    disc(x1, y1, 0.42 * r, color)
+  elif cls == "crescent":
+    disc(cx, cy, r, color)
+    (x, y), = _rotated([(0.45 * r, 0.0)], rot, cx, cy)
+    disc(x, y, 0.8 * r, bg)
   else:
     raise ValueError(f"unknown shape class {cls!r}; classes are {CLASSES}")
 
@@ -136,8 +145,10 @@ def _config(size: int, num_train: int = 5000, num_test: int = 1000) -> ShapesCon
 class AskdShapes(tfds.core.GeneratorBasedBuilder):
   """Synthetic shapes, 10 classes, generated (nothing is downloaded)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "10 shapes on gradient backgrounds with distractor dots."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "10 shapes on gradient backgrounds with distractor dots.",
+                   "1.1.0": "Classes whose difference low resolution erases (ring, frame, pair, "
+                            "crescent) instead of pentagon / hexagon / semicircle."}
   BUILDER_CONFIGS = [_config(32)]
   DEFAULT_CONFIG_NAME = "px32_5000_1000"
 

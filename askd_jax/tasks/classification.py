@@ -117,6 +117,12 @@ class ClassificationTask(Task):
 
   def check_teacher(self, tspec, path):
     super().check_teacher(tspec, path)
+    mine = self.spec()
+    for k, field in (("depth", "model.depth"), ("width", "model.width"),
+                     ("stage_sizes", "model.stage_sizes")):
+      if tspec.get(k) != mine[k]:  # attention maps are compared block by block
+        raise ValueError(f"teacher {path} has {k}={tspec.get(k)!r} but this run's config.{field} "
+                         f"gives {mine[k]!r}; set it to match or use a matching teacher")
     if tspec.get("num_classes") != self.num_classes:
       raise ValueError(f"teacher {path} has num_classes={tspec.get('num_classes')} but the "
                        f"data set has {self.num_classes}; point student.teacher at a teacher "
