@@ -78,3 +78,40 @@ def plot(rows, path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def aggregate_runs(workdirs: List[str]) -> str:
+  """Mean +- std over runs (e.g. seeds) of each (method, resolution, set): a markdown table.
+
+  Reads each run's results.json; the std is over runs (ddof=0), not over folds.
+  """
+  import numpy as np
+  per: Dict[tuple, List[float]] = {}
+  for wd in workdirs:
+    with open(os.path.join(wd, "results.json")) as f:
+      for r in json.load(f)["rows"]:
+        per.setdefault((r["method"], r["eval_resolution"], r["set"]), []).append(r["accuracy"])
+  sets = sorted({k[2] for k in per})
+  res = sorted({k[1] for k in per}, key=_res_key)
+  out = []
+  for s in sets:
+    out += [f"`{s}`, mean +- std over {len(workdirs)} runs of the 10-fold mean accuracy (%)", ""]
+    out.append("| method | " + " | ".join(f"{c} px" if c != "HR" else "HR" for c in res) + " |")
+    out.append("|---|" + "---|" * len(res))
+    for m in METHOD_NAMES:
+      if not any(k[0] == m for k in per):
+        continue
+      cells = []
+      for c in res:
+        v = per.get((m, c, s))
+        cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v):.2f} (n={len(v)})" if v else "")
+      out.append(f"| {METHOD_NAMES[m]} | " + " | ".join(cells) + " |")
+    out.append("")
+  return "\n".join(out)
+
+
+if __name__ == "__main__":
+  import sys
+  if len(sys.argv) < 2:
+    raise SystemExit("usage: python -m askd_jax.report WORKDIR [WORKDIR ...]  (mean +- std over runs)")
+  print(aggregate_runs(sys.argv[1:]))

@@ -54,3 +54,18 @@ def test_loss_is_cross_entropy_and_accuracy():
   want = np.mean([np.log(1 + np.exp(-2.0)), np.log(1 + np.exp(1.0))])
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   assert float(terms["accuracy"]) == 0.5
+
+
+def test_aggregate_runs_mean_and_std(tmp_path):
+  import json
+  from askd_jax.report import aggregate_runs
+  dirs = []
+  for i, acc in enumerate([0.80, 0.90]):
+    d = tmp_path / f"run{i}"
+    d.mkdir()
+    rows = [{"method": "askd", "eval_resolution": "7", "set": "orl_test", "accuracy": acc,
+             "std": 0.0}]
+    (d / "results.json").write_text(json.dumps({"rows": rows}))
+    dirs.append(str(d))
+  md = aggregate_runs(dirs)
+  assert "| Student, A-SKD | 85.00 +- 5.00 (n=2) |" in md
