@@ -22,7 +22,7 @@ def write_report(workdir: str, rows: List[Dict[str, Any]], meta: Dict[str, Any])
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(md)
   try:
-    plot(rows, os.path.join(workdir, "results.png"))
+    plot(rows, os.path.join(workdir, "results.png"), meta.get("ylabel"))
   except Exception as e:  # a missing plotting backend must not lose the results
     print(f"warning: could not draw results.png ({type(e).__name__}: {e})")
   return md
@@ -55,7 +55,7 @@ def markdown_table(rows, meta) -> str:
   return "\n".join(out) + "\n"
 
 
-def plot(rows, path: str) -> None:
+def plot(rows, path: str, ylabel: str | None = None) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -71,7 +71,7 @@ def plot(rows, path: str) -> None:
       ax.errorbar(xs, [100 * p["accuracy"] for p in pts], yerr=[100 * (p.get("std") or 0) for p in pts],
                   marker="o", capsize=3, label=METHOD_NAMES[m])
     ax.set_xlabel("test resolution (px)")
-    ax.set_ylabel("verification accuracy (%)")
+    ax.set_ylabel(ylabel or "accuracy (%)")
     ax.set_title(s)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

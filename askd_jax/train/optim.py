@@ -17,12 +17,13 @@ import optax
 def step_schedule(base_lr: float, steps_per_epoch: int, boundaries_epochs: Sequence[float],
                   factor: float = 0.1, warmup_epochs: float = 0.0):
   """Piecewise-constant lr, x factor at each boundary epoch; optional linear warm-up."""
-  bounds = {int(round(e * steps_per_epoch)): factor for e in boundaries_epochs}
-  sched = optax.piecewise_constant_schedule(base_lr, bounds)
-  if warmup_epochs > 0:
-    warm = int(round(warmup_epochs * steps_per_epoch))
-    sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, base_lr, warm), sched], [warm])
+  # join_schedules restarts the step count at the warm-up's end: shift the boundaries so
+  # that they stay at their absolute epochs.
+  warm = int(round(warmup_epochs * steps_per_epoch)) if warmup_epochs > 0 else 0
+  bounds = {int(round(e * steps_per_epoch)) - warm: factor for e in boundaries_epochs}
+  sched = optax.piecewise_constant_schedule(base_lr, {b: f for b, f in bounds.items() if b > 0})
+  if warm:
+    sched = optax.join_schedules([optax.linear_schedule(0.0, base_lr, warm), sched], [warm])
   return sched
 
 
