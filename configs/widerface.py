@@ -30,6 +30,8 @@ Choices the supplementary leaves open (see docs/widerface.md):
   * evaluation: each val image letterboxed into an eval.image_size square (1024: WIDER
     images are 1024 px wide), students' canvases degraded by the same factor.
   * data.max_boxes faces per training crop (the largest; the rest are dropped).
+  * model.norm=gn: GroupNorm in the neck and head as the published TinaFace (no deformable
+    convolutions; the backbone keeps BN).
 
 Down-sampling factors: student.factors; student.sizes follows them (image_size // factor)
 unless set itself:  --config.student.factors=16  or  --config.student.sizes=40
@@ -91,7 +93,10 @@ def _base() -> ml_collections.ConfigDict:
   c.model.stage_sizes = ()         # blocks per stage; () = the depth's standard layout
   c.model.fpn_channels = 256
   c.model.stacked_convs = 4
-  c.model.norm = "bn"              # bn (vedadet's BN variant) | gn (neck and head GroupNorm)
+  # gn: GroupNorm(32) in FPN, Inception and head, as TinaFace's published (GN + DCN) model;
+  # bn: vedadet's BN variant, whose BN in the level-shared Inception and head keeps one set of
+  # running statistics mixed over the 6 levels (eval-mode outputs drift from train mode).
+  c.model.norm = "gn"
 
   c.loss = ml_collections.ConfigDict()  # askd_jax.detection.losses.DEFAULTS (TinaFace)
   c.loss.focal_gamma = 2.0
@@ -165,6 +170,7 @@ def get_config(preset: str = "small") -> ml_collections.ConfigDict:
     c.model.width = 8
     c.model.fpn_channels = 32
     c.model.stacked_convs = 2
+    c.model.norm = "bn"            # GroupNorm(32) needs >= 32 channels per Inception branch
     c.train.batch_size = 16
     c.train.steps = 400
     c.train.lr = 0.02

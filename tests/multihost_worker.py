@@ -311,19 +311,22 @@ def run_train(a) -> None:
   stage = loop.Stage("student", "student", "askd", (LR_SIZE,), a.teacher)
   pid = jax.process_index()
   ckdir = os.path.join(a.workdir, "student", "checkpoints")
+  # Restored with a target on this run's devices: whatever layout wrote the step.
+  final_params = lambda step: flat(shd.to_host(
+      shd.restore_replicated(os.path.join(ckdir, str(step), "state"))["params"]))
   out = {"process": pid}
   if a.check_restore:  # the checkpoint restores bit for bit before the run continues
     saved = np.load(a.check_restore)
     mgr = state_io.manager(ckdir, read_only=True)
     out["restored_step"] = int(mgr.latest_step())
-    params = flat(shd.to_host(state_io.load_latest_variables(ckdir)["params"]))
+    params = final_params(out["restored_step"])
     out["restored_max_abs_diff"] = max(float(np.abs(params[k] - saved[k]).max()) for k in saved.files)
   writer = lambda name: _FileWriter(os.path.join(a.workdir, f"tb_process{pid}.jsonl"))
   loop.train_stage(cfg, task, stage, a.workdir, progress=False, writer_factory=writer)
   mgr = state_io.manager(ckdir, read_only=True)
   out["final_step"] = int(mgr.latest_step())
   out["steps_saved"] = sorted(int(s) for s in mgr.all_steps())
-  params = flat(shd.to_host(state_io.load_latest_variables(ckdir)["params"]))
+  params = final_params(out["final_step"])
   if pid == 0 and a.dump:
     np.savez(a.dump, **params)
   with open(os.path.join(a.workdir, f"result_process{pid}.json"), "w") as f:

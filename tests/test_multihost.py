@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # multihost_worker
 WORKER = os.path.join(HERE, "multihost_worker.py")
 ROOT = os.path.dirname(HERE)
-TIMEOUT = 1500  # seconds per phase: about a minute on an idle 2-core machine, far more when shared
+TIMEOUT = 1800  # seconds per phase: about a minute on an idle 2-core machine, far more when shared
 
 
 def _env():

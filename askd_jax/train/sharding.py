@@ -106,6 +106,23 @@ def to_host(tree: Any) -> Any:
       else np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
+def restore_replicated(path: str, mesh: Optional[Mesh] = None) -> Any:
+  """An orbax PyTree item (a step's `state` dir, an exported `variables` dir) restored
+  replicated on this run's mesh, whatever process/device layout wrote it.
+
+  Orbax refuses a restore without a target across topologies ("Topology mismatch"): the
+  target is built here from the item's own metadata (shapes, dtypes)."""
+  import orbax.checkpoint as ocp
+  mesh = mesh or make_mesh()
+  ckptr = ocp.StandardCheckpointer()
+  md = ckptr.metadata(path)
+  tree = getattr(md, "item_metadata", md)
+  tree = getattr(tree, "tree", tree)
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated(mesh)), tree)
+  return ckptr.restore(path, target)
+
+
 # --- several processes -------------------------------------------------------------------------
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
