@@ -35,7 +35,8 @@ def _base() -> ml_collections.ConfigDict:
   c.data.image_size = 112          # model input (HR) size
   c.data.augment = "flip"          # flip (official) | demo (flip, shift/scale, brightness) | none
   c.data.workers = 0               # grain worker processes for decoding
-  c.data.verification = ("lfw", "agedb_30", "cfp_fp")
+  c.data.verification = ("lfw", "agedb_30", "cfp_fp")  # prepared .bin sets (real data)
+  c.data.tinyface = False
   c.data.num_pairs = 600           # demo only
 
   c.model = ml_collections.ConfigDict()
@@ -83,7 +84,6 @@ def _base() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
-  c.eval.tinyface = False
   return c
 
 
@@ -107,12 +107,13 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.student.sizes = (7, 14)
   elif preset == "casia":
     c.data.name = "insightface"
-    c.data.dataset = "casia_webface"
+    c.data.dataset = "casia"
   elif preset == "tinyface":
     c.data.name = "insightface"
-    c.data.dataset = "casia_webface"
+    c.data.dataset = "casia"
+    c.data.tinyface = True         # also rank-1/5/10/20 identification on prepared TinyFace
+    c.data.verification = ()
     c.student.sizes = (24,)
-    c.eval.tinyface = True
   else:
     raise ValueError(f"preset {preset!r} is unknown; use demo, casia or tinyface")
   return c

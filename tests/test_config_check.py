@@ -157,8 +157,8 @@ def test_matching_teacher_is_accepted(tmp_path):
 
 
 @pytest.mark.parametrize("change,expect", [
-    ({"stage_sizes": None, "depth": 100}, ["has blocks=(3, 13, 30, 3)",
-                                           "config.model.depth/model.stage_sizes gives (1, 1, 1, 1)"]),
+    ({"stage_sizes": None, "depth": 100},
+     ["has blocks=(3, 13, 30, 3)", "config.model.depth/model.stage_sizes gives (1, 1, 1, 1)"]),
     ({"input_size": 112}, ["has input_size=112", "config.data.image_size gives 56"]),
     ({"width": 1.0}, ["has width=1.0", "config.model.width gives 0.25"]),
     ({"arch": "resnet18"}, ["has arch='resnet18'"]),

@@ -219,9 +219,16 @@ def load_detection_data(dcfg) -> Dict[str, Any]:
     return {"train": train, "train_transforms": transforms, "val": val_items,
             "num_val": len(val), "set": "synthetic"}
   if name == "widerface":
+    import os
     from askd_jax.data import widerface
-    b = widerface.prepare(dcfg.manual_dir, dcfg.data_dir) if dcfg.get("manual_dir") else \
-        widerface.WiderFace(data_dir=dcfg.data_dir)
+    from askd_jax.data.imagenet import default_data_dir
+    data_dir = os.path.abspath(os.path.expanduser(dcfg.get("data_dir") or default_data_dir()))
+    manual = dcfg.get("manual_dir")
+    if manual and not os.path.isdir(os.path.expanduser(manual)):
+      raise FileNotFoundError(f"config.data.manual_dir={manual!r} does not exist; point it at "
+                              "the folder with the released WIDER FACE files")
+    b = (widerface.prepare(os.path.expanduser(manual), data_dir) if manual
+         else widerface.WiderFace(data_dir=data_dir))
     missing = [s for s in ("train", "validation") if s not in b.info.splits]
     if missing:
       raise FileNotFoundError(f"{b.data_dir}: askd_wider_face has no {missing} split; prepare it "

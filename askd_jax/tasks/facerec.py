@@ -1,8 +1,8 @@
 """Face recognition: iResNet-CBAM + margin head, trained on identities, verified on pairs."""
 from __future__ import annotations
 
-import functools
 import logging
+import os
 from typing import Any, Dict, List
 
 import jax
@@ -41,7 +41,8 @@ class FaceRecTask(Task):
 
   def train_loader(self, global_batch: int, seed: int):
     from askd_jax.data import augment, pipeline
-    transforms = augment.face_train_transforms(self.cfg.data.get("augment", "flip"))
+    transforms = list(self.data.get("train_transforms", []))  # decode stored bytes first
+    transforms += augment.face_train_transforms(self.cfg.data.get("augment", "flip"))
     return pipeline.make_train_loader(self.data["train"], global_batch_size=global_batch,
                                       seed=seed, transforms=transforms,
                                       worker_count=self.cfg.data.get("workers", 0))
@@ -113,6 +114,17 @@ class FaceRecTask(Task):
       r = verification_accuracy(emb[vs["idx1"]], emb[vs["idx2"]], vs["issame"],
                                 nfolds=10, fold_ids=vs.get("fold_ids"))
       results[vs["name"]] = {"accuracy": float(r["mean"]), "std": float(r["std"])}
+    if "tinyface" in self.data:  # rank-k identification, flip-averaged L2-normalised embeddings
+      from askd_jax.evaluate.identification import rank_k
+      emb = {}
+      for sp, d in self.data["tinyface"].items():
+        e = self.embeddings(model, variables, d["image"], sizes)
+        half = e.shape[-1] // 2
+        emb[sp] = (e[:, :half] + e[:, half:]) / 2
+      r = rank_k(emb["probe"], self.data["tinyface"]["probe"]["label"], emb["gallery"],
+                 self.data["tinyface"]["gallery"]["label"])
+      for k, v in r.items():
+        results[f"tinyface_{k}"] = {"accuracy": float(v), "std": None}
     return results
 
 
@@ -126,5 +138,52 @@ def load_face_data(dcfg) -> Dict[str, Any]:
     ver = [{"name": "orl_test", "images": d["test_images"], "idx1": d["pairs"]["idx1"],
             "idx2": d["pairs"]["idx2"], "issame": d["pairs"]["issame"]}]
     return {"train": d["train"], "num_classes": d["num_classes"], "verification": ver}
-  from askd_jax.data import faces  # real data sets (tfds builders over the user's files)
-  return faces.load_face_data(dcfg)
+  return _load_real_face_data(dcfg)
+
+
+def _decode_all(source, keys, size):
+  from askd_jax.data.faces import decode_image
+  out = {k: [] for k in keys}
+  rest = {}
+  for i in range(len(source)):
+    r = source[i]
+    for k in keys:
+      out[k].append(decode_image(r[k], size, f"record {i} [{k}]"))
+    for k, v in r.items():
+      if k not in keys:
+        rest.setdefault(k, []).append(v)
+  return {**{k: np.stack(v) for k, v in out.items()}, **{k: np.asarray(v) for k, v in rest.items()}}
+
+
+def _load_real_face_data(dcfg) -> Dict[str, Any]:
+  """Prepared tfds builders (askd_jax.data.faces) named by data.dataset / verification."""
+  from askd_jax.data import faces
+  if not dcfg.get("dataset"):
+    raise ValueError("config.data.dataset is empty; set it to a prepared training set such as "
+                     "casia (see docs/datasets.md)")
+  data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
+  size = dcfg.image_size
+  train = faces.data_source(dcfg.dataset, "train", data_dir)
+  b = faces.builder(dcfg.dataset, data_dir)
+  num_classes = int(b.info.metadata.get("num_classes", 0)) if b.info.metadata else 0
+  if not num_classes:
+    raise ValueError(f"{b.data_dir}: the prepared set records no num_classes; prepare it again "
+                     "with python -m askd_jax.data.prepare")
+  ver = []
+  names = dcfg.get("verification", ())
+  if isinstance(names, str):  # --config.data.verification=lfw,agedb_30
+    names = [n.strip() for n in names.split(",") if n.strip()]
+  for name in names:
+    d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size)
+    n = len(d["is_same"])
+    images = np.empty((2 * n,) + d["image1"].shape[1:], np.uint8)
+    images[0::2], images[1::2] = d["image1"], d["image2"]
+    ver.append({"name": name, "images": images, "idx1": np.arange(0, 2 * n, 2),
+                "idx2": np.arange(1, 2 * n, 2), "issame": d["is_same"].astype(bool),
+                "fold_ids": d["fold"]})
+  out = {"train": train, "num_classes": num_classes, "verification": ver,
+         "train_transforms": faces.decode_transforms(size, dcfg.get("on_corrupt", "error"))}
+  if dcfg.get("tinyface"):
+    out["tinyface"] = {sp: _decode_all(faces.data_source("tinyface", sp, data_dir), ("image",),
+                                       size) for sp in ("probe", "gallery")}
+  return out

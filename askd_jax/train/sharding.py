@@ -90,10 +90,40 @@ def global_batch(local: Any, sharding: NamedSharding) -> Any:
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, state_sh: Any, donate: bool = True) -> Callable:
   """jit `step(state, teacher_vars, batch) -> (state, metrics)` over the mesh: state as
-  `state_sh`, teacher replicated, batch split on 'data', metrics replicated."""
+  `state_sh`, teacher replicated, batch split on 'data', metrics replicated.
+
+  With several processes the first call compiles, then waits for every process to have
+  compiled before running: hosts compile at different speeds (or one hits the compilation
+  cache), and the first collective must not wait on a slow compiler (gloo gives up after
+  30 s)."""
   repl = replicated(mesh)
-  return jax.jit(step_fn, in_shardings=(state_sh, repl, batch_sharding(mesh)),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, repl, batch_sharding(mesh)),
+                   out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
+  if jax.process_count() == 1:
+    return jitted
+  compiled = []
+
+  def step(*args):
+    if not compiled:
+      compiled.append(jitted.lower(*args).compile())
+      barrier("train step compiled")
+    return compiled[0](*args)
+
+  return step
+
+
+_BARRIERS = [0]
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Wait until every process gets here (through the coordination service, not a device
+  collective, so a long wait is fine). No-op in one process."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client jax.distributed.initialize made
+  _BARRIERS[0] += 1  # every process calls barriers in the same order
+  distributed.global_state.client.wait_at_barrier(f"askd_jax/{_BARRIERS[0]}/{name}",
+                                                  timeout_in_ms=timeout_s * 1000)
 
 
 def to_host(tree: Any) -> Any:

@@ -82,9 +82,9 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state
   steps = sorted(mgr.all_steps(), reverse=True)
   for i, step in enumerate(steps):
     try:
-      out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                      data=ocp.args.JsonRestore(),
-                                                      meta=ocp.args.JsonRestore()))
+      out = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
       meta = dict(out["meta"] or {})
       want, got = meta.get("state_hash"), None
       if want is not None:
