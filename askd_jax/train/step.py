@@ -81,7 +81,8 @@ def make_train_step(*, task, model, tx: optax.GradientTransformation,
 # there ~4x slower than in XLA's Eigen convolution, and dominates the training step on CPU
 # (measured: iResNet50-CBAM step ~2x faster with Eigen convolutions). Keep YNNPACK for
 # the dots only. Pass to `jax.jit(step, compiler_options=compiler_options())`.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def compiler_options(backend: Optional[str] = None) -> dict:
