@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from askd_jax import config_blocks
 
-def _base() -> ml_collections.ConfigDict:
+
+def _base(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "facerec"
-  c.preset = "demo"
-  c.seed = 0
-  c.dtype = "float32"              # compute dtype; bfloat16 on GPU/TPU (params stay float32)
-  c.distributed = False            # jax.distributed.initialize() for multi-host runs
-  c.shard_params_min_size = 0      # >0: split leaves this large (the margin weight) over devices
-  c.jax_cache_dir = "~/.cache/askd_jax/xla"  # persistent compilation cache ('' to disable)
+  config_blocks.run(c, task="facerec", preset=preset)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = ""             # insightface builder name (casia_webface, ms1m...)
@@ -49,38 +45,13 @@ def _base() -> ml_collections.ConfigDict:
   c.model.s = 32.0
   c.model.m = 0.5
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 128         # global batch (per-device batch x devices)
-  c.train.epochs = 20
-  c.train.steps = 0                # >0 overrides epochs
-  c.train.lr = 0.1
-  c.train.schedule = "step"        # step | cosine
-  c.train.lr_boundaries = (6, 11, 15, 17)  # epochs at which lr *= lr_factor
-  c.train.lr_factor = 0.1
-  c.train.warmup_epochs = 0.0
-  c.train.momentum = 0.9
-  c.train.nesterov = True
-  c.train.weight_decay = 5e-4      # on every parameter, as torch.optim.SGD in the official code
-  c.train.log_every = 50
-  c.train.checkpoint_every = 1000  # steps; 0 = only at the end (and on SIGTERM)
-  c.train.keep = 2
-  c.train.nan_policy = "stop"      # stop | skip (skip the step, count it, stop past max_bad_steps)
-  c.train.max_bad_steps = 100
-
-  c.student = ml_collections.ConfigDict()
-  c.student.sizes = (14, 28, 56)   # one student per size (each sees HR -> size -> HR)
-  c.student.methods = ("none", "askd")
-  c.student.teacher = ""           # teacher model dir ('' = WORKDIR/teacher)
-  c.student.mode = "official"      # resize: official (nearest) | bilinear | bicubic | area
-  c.student.blur = "official"      # official (fixed sigma 0.1 x 2.0) | random | none
-  c.student.eval_teacher_lr = True  # also evaluate the teacher on each LR size
-
-  c.distill = ml_collections.ConfigDict()
-  c.distill.askd = ml_collections.ConfigDict({"weight": 5.0})
-  c.distill.at = ml_collections.ConfigDict({"weight": 1000.0})
-  c.distill.fkd = ml_collections.ConfigDict({"weight": 1.0})
-  c.distill.horkd = ml_collections.ConfigDict(
-      {"weight": 1.0, "individual": 1.0, "pair": 0.1, "triplet": 0.2, "group": 0.1})
+  # The official recipe: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter,
+  # lr 0.1 x0.1 at epochs 6, 11, 15, 17 of 20.
+  c.train = config_blocks.train(batch_size=128, epochs=20, lr=0.1, schedule="step",
+                                lr_boundaries=(6, 11, 15, 17), log_every=50,
+                                checkpoint_every=1000)
+  c.student = config_blocks.student(sizes=(14, 28, 56), methods=("none", "askd"))
+  c.distill = config_blocks.distill()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
@@ -89,8 +60,7 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   preset = preset or "demo"
-  c = _base()
-  c.preset = preset
+  c = _base(preset)
   if preset == "demo":
     c.data.name = "orl"
     c.data.image_size = 56

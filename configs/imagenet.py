@@ -34,34 +34,14 @@ Every other field can be overridden too: --config.train.batch_size=256
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import ml_collections
-from ml_collections import config_dict
+
+from askd_jax import config_blocks
 
 
-def _sizes_from_factors(factors_ref: config_dict.FieldReference,
-                        size_ref: config_dict.FieldReference) -> config_dict.FieldReference:
-  """A lazy tuple: image_size // f for each factor, re-evaluated after command-line overrides."""
-  def fn(factors: Tuple[int, ...]) -> Tuple[int, ...]:
-    size = size_ref.get()
-    for f in factors:
-      if not isinstance(f, int) or f < 1 or size % f:
-        raise ValueError(f"config.student.factors has {f!r}: factors must be integers >= 1 "
-                         f"dividing data.image_size={size}")
-    return tuple(size // f for f in factors)
-  return factors_ref._apply_op(fn)  # pylint: disable=protected-access  (no public lazy map)
-
-
-def _base() -> ml_collections.ConfigDict:
+def _base(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "classification"
-  c.preset = "imagenet"
-  c.seed = 0
-  c.dtype = "bfloat16"             # compute dtype; params, BN statistics and losses stay float32
-  c.distributed = False            # jax.distributed.initialize() for multi-host runs
-  c.shard_params_min_size = 0
-  c.jax_cache_dir = "~/.cache/askd_jax/xla"  # persistent compilation cache ('' to disable)
+  config_blocks.run(c, task="classification", preset=preset, dtype="bfloat16")
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "imagenet"         # imagenet (askd_imagenet2012) | shapes (generated demo)
@@ -82,39 +62,14 @@ def _base() -> ml_collections.ConfigDict:
   c.model.width = 64               # stem / first-stage channels (64 = the standard model)
   c.model.stage_sizes = ()         # blocks per stage; () = the depth's standard layout
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 1024        # global batch (per-device batch x devices)
-  c.train.epochs = 90
-  c.train.steps = 0                # >0 overrides epochs
-  c.train.lr = 0.4
-  c.train.schedule = "cosine"      # cosine (after warm-up) | step
-  c.train.warmup_epochs = 5.0
-  c.train.lr_boundaries = (30, 60, 80)  # schedule=step only: epochs at which lr *= lr_factor
-  c.train.lr_factor = 0.1
-  c.train.momentum = 0.9
-  c.train.nesterov = False
-  c.train.weight_decay = 1e-4      # coupled (torch.optim.SGD), on every parameter
-  c.train.log_every = 100
-  c.train.checkpoint_every = 2000  # steps; 0 = only at the end (and on SIGTERM)
-  c.train.keep = 2
-  c.train.nan_policy = "stop"
-  c.train.max_bad_steps = 100
-
-  c.student = ml_collections.ConfigDict()
-  c.student.factors = ml_collections.FieldReference((2, 4, 8))
-  c.student.sizes = _sizes_from_factors(c.student.get_ref("factors"), c.data.get_ref("image_size"))
-  c.student.methods = ("none", "askd", "at", "fkd", "horkd")
-  c.student.teacher = ""           # trained teacher dir ('' = train one in WORKDIR/teacher)
-  c.student.mode = "area"          # down-sampling: area (box) | bilinear | bicubic | official
-  c.student.blur = "none"          # none | official | random
-  c.student.eval_teacher_lr = True  # also evaluate the teacher on each LR size
-
-  c.distill = ml_collections.ConfigDict()
-  c.distill.askd = ml_collections.ConfigDict({"weight": 5.0})
-  c.distill.at = ml_collections.ConfigDict({"weight": 1000.0})
-  c.distill.fkd = ml_collections.ConfigDict({"weight": 1.0})
-  c.distill.horkd = ml_collections.ConfigDict(
-      {"weight": 1.0, "individual": 1.0, "pair": 0.1, "triplet": 0.2, "group": 0.1})
+  # torchvision's ResNet recipe at batch 1024 (lr 0.1 x batch / 256), cosine after 5 epochs
+  # of warm-up, plain momentum, weight decay 1e-4 on every parameter.
+  c.train = config_blocks.train(batch_size=1024, epochs=90, lr=0.4, schedule="cosine",
+                                warmup_epochs=5.0, lr_boundaries=(30, 60, 80), nesterov=False,
+                                weight_decay=1e-4)
+  config_blocks.factor_students(c, (2, 4, 8), methods=("none", "askd", "at", "fkd", "horkd"),
+                                mode="area", blur="none")
+  c.distill = config_blocks.distill()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1000         # global; a multiple of the device count
@@ -124,8 +79,7 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   preset = preset or "small"
-  c = _base()
-  c.preset = preset
+  c = _base(preset)
   if preset == "small":
     c.dtype = "float32"            # bfloat16 brings nothing on a CPU
     c.data.name = "shapes"

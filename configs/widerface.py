@@ -39,36 +39,16 @@ Every other field can be overridden too: --config.train.batch_size=16
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import ml_collections
-from ml_collections import config_dict
+
+from askd_jax import config_blocks
 
 WIDER_TRAIN_IMAGES = 12_880
 
 
-def _sizes_from_factors(factors_ref: config_dict.FieldReference,
-                        size_ref: config_dict.FieldReference) -> config_dict.FieldReference:
-  """A lazy tuple: image_size // f for each factor, re-evaluated after command-line overrides."""
-  def fn(factors: Tuple[int, ...]) -> Tuple[int, ...]:
-    size = size_ref.get()
-    for f in factors:
-      if not isinstance(f, int) or f < 1 or size % f:
-        raise ValueError(f"config.student.factors has {f!r}: factors must be integers >= 1 "
-                         f"dividing data.image_size={size}")
-    return tuple(size // f for f in factors)
-  return factors_ref._apply_op(fn)  # pylint: disable=protected-access  (no public lazy map)
-
-
-def _base() -> ml_collections.ConfigDict:
+def _base(preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "detection"
-  c.preset = "widerface"
-  c.seed = 0
-  c.dtype = "float32"              # compute dtype (bfloat16 on GPU/TPU works; losses stay f32)
-  c.distributed = False
-  c.shard_params_min_size = 0
-  c.jax_cache_dir = "~/.cache/askd_jax/xla"  # persistent compilation cache ('' to disable)
+  config_blocks.run(c, task="detection", preset=preset)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "widerface"        # widerface (askd_wider_face) | synthetic (generated demo)
@@ -94,9 +74,11 @@ def _base() -> ml_collections.ConfigDict:
   c.model.fpn_channels = 256
   c.model.stacked_convs = 4
   # gn: GroupNorm(32) in FPN, Inception and head, as TinaFace's published (GN + DCN) model;
-  # bn: vedadet's BN variant, whose BN in the level-shared Inception and head keeps one set of
-  # running statistics mixed over the 6 levels (eval-mode outputs drift from train mode).
+  # bn: vedadet's BN variant. Inception and the head are shared by the 6 levels: with
+  # bn_per_level each level has its own BN there (convs shared); False is vedadet's one BN for
+  # all levels, whose running statistics mix the levels (eval mode drifts from train mode).
   c.model.norm = "gn"
+  c.model.bn_per_level = True
 
   c.loss = ml_collections.ConfigDict()  # askd_jax.detection.losses.DEFAULTS (TinaFace)
   c.loss.focal_gamma = 2.0
@@ -108,40 +90,14 @@ def _base() -> ml_collections.ConfigDict:
   c.loss.neg_iou_thr = 0.35
   c.loss.min_pos_iou = 0.35
 
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 8
-  c.train.epochs = 150
-  c.train.steps = 0                # >0 overrides epochs
-  c.train.lr = 0.001
-  c.train.schedule = "cosine"      # cosine (after warm-up) | step
-  c.train.warmup_epochs = 500 / (WIDER_TRAIN_IMAGES // 8)  # vedadet: 500 iterations
-  c.train.lr_boundaries = ()       # schedule=step only
-  c.train.lr_factor = 0.1
-  c.train.momentum = 0.9
-  c.train.nesterov = False
-  c.train.weight_decay = 5e-4
-  c.train.log_every = 100
-  c.train.checkpoint_every = 2000
-  c.train.keep = 2
-  c.train.nan_policy = "stop"
-  c.train.max_bad_steps = 100
-
-  c.student = ml_collections.ConfigDict()
-  c.student.factors = ml_collections.FieldReference((16, 32))
-  c.student.sizes = _sizes_from_factors(c.student.get_ref("factors"), c.data.get_ref("image_size"))
-  c.student.methods = ("none", "askd", "at", "fkd", "horkd")
-  c.student.teacher = ""           # trained teacher dir ('' = train one in WORKDIR/teacher)
-  c.student.mode = "area"          # down-sampling: area (box) | bilinear | bicubic | official
-  c.student.blur = "none"          # none | official | random
+  # The supplementary's recipe: SGD 150 epochs, lr 0.001, momentum 0.9 (plain, as vedadet),
+  # weight decay 5e-4, batch 8; vedadet's 500 warm-up iterations, then a cosine.
+  c.train = config_blocks.train(batch_size=8, epochs=150, lr=0.001, schedule="cosine",
+                                warmup_epochs=500 / (WIDER_TRAIN_IMAGES // 8), nesterov=False)
+  config_blocks.factor_students(c, (16, 32), methods=("none", "askd", "at", "fkd", "horkd"),
+                                mode="area", blur="none")
   c.student.distill_maps = "stages"  # stages (last CBAM block of each stage) | all
-  c.student.eval_teacher_lr = True  # also evaluate the teacher on each LR factor
-
-  c.distill = ml_collections.ConfigDict()
-  c.distill.askd = ml_collections.ConfigDict({"weight": 5.0})
-  c.distill.at = ml_collections.ConfigDict({"weight": 1000.0})
-  c.distill.fkd = ml_collections.ConfigDict({"weight": 1.0})
-  c.distill.horkd = ml_collections.ConfigDict(
-      {"weight": 1.0, "individual": 1.0, "pair": 0.1, "triplet": 0.2, "group": 0.1})
+  c.distill = config_blocks.distill()
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 4            # letterboxed canvases per jitted call
@@ -157,8 +113,7 @@ def _base() -> ml_collections.ConfigDict:
 
 def get_config(preset: str = "small") -> ml_collections.ConfigDict:
   preset = preset or "small"
-  c = _base()
-  c.preset = preset
+  c = _base(preset)
   if preset == "small":
     c.data.name = "synthetic"
     c.data.image_size = 128

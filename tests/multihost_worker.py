@@ -135,6 +135,13 @@ def init_teacher(task, seed: int = 1):
   return {"params": v["params"], "batch_stats": v["batch_stats"]}
 
 
+def _axes(spec) -> list:
+  axes = [a if a is None or isinstance(a, str) else list(a) for a in spec]
+  while axes and axes[-1] is None:
+    axes.pop()
+  return axes
+
+
 def flat(tree):
   import jax
   import numpy as np
@@ -222,7 +229,9 @@ def run_equiv(out_path: str) -> None:
            "n_devices_used": len({d for x in jax.tree.leaves(state.params)
                                   for d in x.sharding.device_set}),
            "sharded": shd.describe(state),
-           "margin_spec": str(state.params["head"]["kernel"].sharding.spec),
+           # the mesh axis of each array axis, trailing unsplit axes dropped (JSON-able;
+           # PartitionSpec's repr is not stable across JAX versions)
+           "margin_spec": _axes(state.params["head"]["kernel"].sharding.spec),
            "margin_shard_shapes": sorted({tuple(s.data.shape) for s in
                                           state.params["head"]["kernel"].addressable_shards}),
            "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
@@ -290,6 +299,41 @@ class _FileWriter:
     self._f.close()
 
 
+def _signal_at_batch(task, n: int) -> None:
+  """SIGTERM to this process when its loader hands out batch n (1-based)."""
+  import signal
+  make = task.train_loader
+
+  def train_loader(global_batch, seed):
+    loader = make(global_batch, seed)
+
+    class _It:
+      def __init__(self):
+        self._it, self._n = iter(loader), 0
+
+      def __iter__(self):
+        return self
+
+      def __next__(self):
+        self._n += 1
+        if self._n == n:
+          os.kill(os.getpid(), signal.SIGTERM)
+        return next(self._it)
+
+      def get_state(self):
+        return self._it.get_state()
+
+      def set_state(self, state):
+        self._it.set_state(state)
+
+    class _Loader:
+      def __iter__(self_inner):
+        return _It()
+    return _Loader()
+
+  task.train_loader = train_loader
+
+
 def run_train(a) -> None:
   _set_devices(a.devices)
   if a.num_processes > 1:
@@ -323,7 +367,12 @@ def run_train(a) -> None:
     params = final_params(out["restored_step"])
     out["restored_max_abs_diff"] = max(float(np.abs(params[k] - saved[k]).max()) for k in saved.files)
   writer = lambda name: _FileWriter(os.path.join(a.workdir, f"tb_process{pid}.jsonl"))
-  loop.train_stage(cfg, task, stage, a.workdir, progress=False, writer_factory=writer)
+  if a.sigterm_at_batch:  # a stop signal reaching this process only, while it reads batch N
+    _signal_at_batch(task, a.sigterm_at_batch)
+  try:
+    loop.train_stage(cfg, task, stage, a.workdir, progress=False, writer_factory=writer)
+  except loop.Preempted as e:
+    out["preempted"] = str(e)
   mgr = state_io.manager(ckdir, read_only=True)
   out["final_step"] = int(mgr.latest_step())
   out["steps_saved"] = sorted(int(s) for s in mgr.all_steps())
@@ -350,6 +399,7 @@ def main(argv=None) -> None:
   p.add_argument("--virtual-shards", type=int, default=0)
   p.add_argument("--dump")
   p.add_argument("--check-restore")
+  p.add_argument("--sigterm-at-batch", type=int, default=0)
   a = p.parse_args(argv)
   if a.mode == "equiv":
     run_equiv(a.out)

@@ -98,6 +98,8 @@ def runs(tmp_path_factory):
   shutil.copy(os.path.join(mh, "tb_process0.jsonl"), str(tmp / "mh_tb0.jsonl"))
   out["mh_results"] = [json.load(open(os.path.join(mh, f"result_process{i}.json")))
                        for i in range(2)]
+  # A copy of the 2-process stage (step 3), to load as a model in this process.
+  shutil.copytree(os.path.join(mh, "student"), str(tmp / "mh_student"))
   os.remove(os.path.join(mh, "student", "DONE"))
   os.remove(os.path.join(mh, "tb_process0.jsonl"))
   (log,) = _run_all([["train", "--devices", "4", "--teacher", teacher, "--workdir", mh,
@@ -147,3 +149,34 @@ def test_checkpoint_from_two_processes_resumes_in_one(runs):
   assert max(float(np.abs(cont[k] - mh[k]).max()) for k in mh) > 1e-6  # it trained on
   losses = _metrics(os.path.join(runs["mh"], "tb_process0.jsonl"))
   assert sorted(losses) == [4, 5] and all(np.isfinite(list(losses.values())))
+
+
+def test_model_written_by_two_processes_loads_in_this_process(runs):
+  """Evaluation / a teacher on one host: `load_model` of the stage two processes wrote
+  (margin weight sharded over their 4 devices) restores onto this process's devices."""
+  from askd_jax.train.checkpoint import load_model
+  from multihost_worker import flat
+  variables, spec = load_model(str(runs["tmp"] / "mh_student"))
+  assert spec["trained_steps"] == 3
+  got = {k: v for k, v in flat(variables["params"]).items()}
+  want = _params(runs["tmp"] / "mh.npz")
+  assert sorted(got) == sorted(want)
+  assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_stop_signal_on_one_host_stops_every_host_at_the_same_step(runs):
+  """SIGTERM reaching process 1 only (while it reads batch 2): the processes agree on it
+  after step 2, both save step 2 together and stop, none waits forever in a lone save."""
+  tmp = runs["tmp"]
+  wd = str(tmp / "preempt")
+  port = _free_port()
+  _run_all([["train", "--devices", "2", "--num-processes", "2", "--process-id", str(i),
+             "--port", str(port), "--teacher", str(tmp / "teacher"), "--workdir", wd,
+             "--steps", "5"] + (["--sigterm-at-batch", "2"] if i == 1 else [])
+            for i in range(2)], [str(tmp / f"preempt{i}.log") for i in range(2)], 600)
+  res = [json.load(open(os.path.join(wd, f"result_process{i}.json"))) for i in range(2)]
+  assert "another process received a stop signal" in res[0]["preempted"]
+  assert res[1]["preempted"].startswith("SIGTERM received")
+  assert all("stopped after step 2" in r["preempted"] for r in res)
+  assert all(r["steps_saved"] == [2] for r in res)
+  assert not os.path.exists(os.path.join(wd, "student", "DONE"))

@@ -35,10 +35,13 @@ def test_full_size_640_shapes():
   assert f.embedding.shape == (1, 2048)
   p = variables["params"]
   count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
-  # Head: 8 tower convs 3x3x256x256 + BN, cls 3x3x256x3 + 3, box 3x3x256x12 + 12, iou like cls.
-  assert count(p["head"]) == 8 * (9 * 256 * 256 + 2 * 256) + 2 * (9 * 256 * 3 + 3) + 9 * 256 * 12 + 12
-  # Inception (shared): 3x3 256->128, 256->64, then three 64->64, each + BN.
-  assert count(p["inception"]) == (9 * 256 * 128 + 256) + (9 * 256 * 64 + 128) + 3 * (9 * 64 * 64 + 128)
+  # Head: 8 tower convs 3x3x256x256 + a BN per level (6), cls 3x3x256x3 + 3, box 3x3x256x12
+  # + 12, iou like cls.
+  assert count(p["head"]) == (8 * (9 * 256 * 256 + 6 * 2 * 256) + 2 * (9 * 256 * 3 + 3)
+                              + 9 * 256 * 12 + 12)
+  # Inception (shared): 3x3 256->128, 256->64, then three 64->64, each + a BN per level.
+  assert count(p["inception"]) == ((9 * 256 * 128 + 6 * 256) + (9 * 256 * 64 + 6 * 128)
+                                   + 3 * (9 * 64 * 64 + 6 * 128))
   # FPN: laterals 1x1 from 256/512/1024/2048, four 3x3 outputs, P6 3x3 from 2048, P7 3x3.
   lat = sum(c * 256 + 512 for c in (256, 512, 1024, 2048))
   assert count(p["fpn"]) == lat + 4 * (9 * 256 * 256 + 512) + (9 * 2048 * 256 + 512) + (9 * 256 * 256 + 512)
@@ -68,6 +71,39 @@ def test_anchor_count_matches_outputs_for_odd_sizes(size):
   model = tinaface_cbam(width=8, fpn_channels=16, stage_sizes=(1, 1, 1, 1))
   (out, _), _ = shapes(model, *size)
   assert out["cls"].shape[1] == model.anchors_for(size).shape[0]
+
+
+def test_shared_neck_and_head_have_one_batchnorm_per_level():
+  """Convs shared by the 6 levels, BN per level: each level's running statistics are its own
+  (vedadet's single shared BN, bn_per_level=False, mixes them)."""
+  kw = dict(width=8, fpn_channels=16, stage_sizes=(1, 1, 1, 1), stacked_convs=1)
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  per = tinaface_cbam(**kw)
+  v = jax.jit(lambda k: per.init(k, x))(jax.random.key(1))
+  tower = v["params"]["head"]["cls_conv0"]
+  assert sorted(tower) == ["bn0", "bn1", "bn2", "bn3", "bn4", "bn5", "conv"]
+  assert sorted(v["params"]["inception"]["b3"]) == ["bn0", "bn1", "bn2", "bn3", "bn4", "bn5",
+                                                    "conv"]
+  _, new = per.apply(v, x, train=True, mutable=["batch_stats"])
+  means = [np.asarray(new["batch_stats"]["head"]["cls_conv0"][f"bn{i}"]["mean"]) for i in range(6)]
+  # every level's BN saw a different input: six different running means
+  assert all(not np.allclose(means[i], means[j]) for i in range(6) for j in range(i + 1, 6))
+  shared = tinaface_cbam(bn_per_level=False, **kw)
+  vs = jax.jit(lambda k: shared.init(k, x))(jax.random.key(1))
+  assert sorted(vs["params"]["head"]["cls_conv0"]) == ["bn", "conv"]
+  # same convs: with the shared model's BN copied to every level, the two agree in train mode
+  cp = jax.tree.map(lambda a: a, vs)
+  def spread(tree):
+    if isinstance(tree, dict) and "bn" in tree and "conv" in tree:
+      return {"conv": tree["conv"], **{f"bn{i}": tree["bn"] for i in range(6)}}
+    return {k: spread(t) for k, t in tree.items()} if isinstance(tree, dict) else tree
+  vp = {"params": {k: (spread(t) if k in ("head", "inception") else t)
+                   for k, t in cp["params"].items()},
+        "batch_stats": {k: (spread(t) if k in ("head", "inception") else t)
+                        for k, t in cp["batch_stats"].items()}}
+  (o1, _), _ = per.apply(vp, x, train=True, mutable=["batch_stats"])
+  (o2, _), _ = shared.apply(vs, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(o1["cls"], o2["cls"], rtol=1e-5, atol=1e-5)
 
 
 def test_gn_variant_and_bad_norm():

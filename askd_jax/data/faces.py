@@ -364,7 +364,35 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return False
 
 
-class InsightfaceRec(_FaceBuilder):
+class _LabelledFaces(_FaceBuilder, skip_registration=True):
+  """Face images with an identity label and where each came from (training / TinyFace)."""
+
+  def _info(self):
+    return self._info_from({"image": _image_feature(),
+                            "label": tfds.features.Tensor(shape=(), dtype=np.int32),
+                            "source": _str_feature()})
+
+  def _labelled_examples(self, split: str, items, count_identities: bool = True):
+    """items: (key, label, encoded image, where (for errors), source); corrupt images go by
+    the on_corrupt policy; the identities kept are counted into the metadata."""
+    labels = set()
+    for key, label, img, where, source in items:
+      if self._checked(split, where, img):
+        labels.add(label)
+        yield key, {"image": img, "label": label, "source": source}
+    if count_identities:
+      self.info.metadata["num_classes"] = max(labels) + 1 if labels else 0
+      self.info.metadata["num_identities"] = len(labels)
+
+
+def _read_files(entries, root: str):
+  """(path, label) -> (index, label, file bytes, path, path relative to root)."""
+  for i, (path, label) in enumerate(entries):
+    with open(path, "rb") as f:
+      yield i, label, f.read(), path, os.path.relpath(path, root)
+
+
+class InsightfaceRec(_LabelledFaces):
   """An insightface training set from manual_dir/train.rec + train.idx (no mxnet)."""
 
   BUILDER_CONFIGS = [
@@ -375,11 +403,6 @@ class InsightfaceRec(_FaceBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put train.rec and train.idx of an insightface set (e.g. "
                                   "faces_webface_112x112) in manual_dir.")
 
-  def _info(self):
-    return self._info_from({"image": _image_feature(),
-                            "label": tfds.features.Tensor(shape=(), dtype=np.int32),
-                            "source": _str_feature()})
-
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(str(dl_manager.manual_dir))}
 
@@ -387,18 +410,15 @@ class InsightfaceRec(_FaceBuilder):
     rec = os.path.join(manual_dir, "train.rec")
     idx = os.path.join(manual_dir, "train.idx")
     data = recordio.InsightfaceRecord(rec, idx if os.path.isfile(idx) else None)
-    labels = set()
-    for i in range(len(data)):
-      label, img, key = data[i]
-      where = f"{rec} record {key}"
-      if self._checked("train", where, img):
-        labels.add(label)
-        yield i, {"image": img, "label": label, "source": f"train.rec#{key}"}
-    self.info.metadata["num_classes"] = max(labels) + 1 if labels else 0
-    self.info.metadata["num_identities"] = len(labels)
+
+    def items():
+      for i in range(len(data)):
+        label, img, key = data[i]
+        yield i, label, img, f"{rec} record {key}", f"train.rec#{key}"
+    return self._labelled_examples("train", items())
 
 
-class FaceImageList(_FaceBuilder):
+class FaceImageList(_LabelledFaces):
   """Images + a list file of `path  label` lines (the official code's input)."""
 
   BUILDER_CONFIGS = [
@@ -412,26 +432,13 @@ class FaceImageList(_FaceBuilder):
     self._list_file = list_file
     super().__init__(**kwargs)
 
-  def _info(self):
-    return self._info_from({"image": _image_feature(),
-                            "label": tfds.features.Tensor(shape=(), dtype=np.int32),
-                            "source": _str_feature()})
-
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples(str(dl_manager.manual_dir))}
 
   def _generate_examples(self, manual_dir: str):
     list_file = self._list_file or os.path.join(manual_dir, "train.list")
     entries = read_image_list(list_file, manual_dir)
-    labels = set()
-    for i, (path, label) in enumerate(entries):
-      with open(path, "rb") as f:
-        img = f.read()
-      if self._checked("train", path, img):
-        labels.add(label)
-        yield i, {"image": img, "label": label, "source": os.path.relpath(path, manual_dir)}
-    self.info.metadata["num_classes"] = max(labels) + 1 if labels else 0
-    self.info.metadata["num_identities"] = len(labels)
+    return self._labelled_examples("train", _read_files(entries, manual_dir))
 
 
 VERIFICATION_SETS = ("lfw", "agedb_30", "cfp_fp", "cfp_ff", "calfw", "cplfw", "vgg2_fp")
@@ -473,17 +480,12 @@ class FaceVerification(_FaceBuilder):
     self.info.metadata["num_pairs"] = len(issame)
 
 
-class TinyFace(_FaceBuilder):
+class TinyFace(_LabelledFaces):
   """TinyFace identification (AdaFace aligned): probe, gallery = match + distractors (-100)."""
 
   name = "tinyface"
   MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put AdaFace's aligned TinyFace (Probe/, Gallery_Match/, "
                                   "Gallery_Distractor/, or aligned_pad_0.1_pad_high/) in manual_dir.")
-
-  def _info(self):
-    return self._info_from({"image": _image_feature(),
-                            "label": tfds.features.Tensor(shape=(), dtype=np.int32),
-                            "source": _str_feature()})
 
   def _split_generators(self, dl_manager):
     files = tinyface_files(str(dl_manager.manual_dir))
@@ -491,11 +493,7 @@ class TinyFace(_FaceBuilder):
     return {split: self._generate_examples(split, entries, root) for split, entries in files.items()}
 
   def _generate_examples(self, split: str, entries, root: str):
-    for i, (path, label) in enumerate(entries):
-      with open(path, "rb") as f:
-        img = f.read()
-      if self._checked(split, path, img):
-        yield i, {"image": img, "label": label, "source": os.path.relpath(path, root)}
+    return self._labelled_examples(split, _read_files(entries, root), count_identities=False)
 
 
 # ----------------------------------------------------------------------- loading

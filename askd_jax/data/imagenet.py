@@ -23,7 +23,6 @@ Transforms (numpy + Pillow, per record, in grain's worker processes):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import math
@@ -37,6 +36,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
 from askd_jax.data import augment
+from askd_jax.data.prepared import prepare_once, resolve_data_dir
 
 Record = Dict[str, Any]
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -157,30 +157,10 @@ class AskdImagenet2012(tfds.core.GeneratorBasedBuilder):
                        "file_name": name}
 
 
-@contextlib.contextmanager
-def file_lock(path: str):
-  """An exclusive inter-process lock (POSIX flock); a no-op where fcntl does not exist."""
-  try:
-    import fcntl  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover (Windows)
-    yield
-    return
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def default_data_dir() -> str:
-  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-
-
 def prepare(manual_dir: Optional[str], data_dir: Optional[str] = None,
             validation_labels: Optional[str] = None) -> AskdImagenet2012:
   """The prepared builder; converts manual_dir's tars on first use (hours for the full set)."""
-  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+  data_dir = resolve_data_dir(data_dir)
   builder = AskdImagenet2012(data_dir=data_dir, validation_labels=validation_labels)
   if builder.is_prepared():
     return builder
@@ -194,16 +174,9 @@ def prepare(manual_dir: Optional[str], data_dir: Optional[str] = None,
     raise FileNotFoundError(f"{builder.data_dir}: prepare askd_imagenet2012 once before a "
                             "multi-host run: python -m askd_jax.data.imagenet --manual_dir=DIR "
                             f"--data_dir={data_dir}")
-  os.makedirs(data_dir, exist_ok=True)
-  with file_lock(os.path.join(data_dir, ".askd_imagenet2012.lock")):
-    builder = AskdImagenet2012(data_dir=data_dir, validation_labels=validation_labels)
-    if not builder.is_prepared():
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
-                                                       try_download_gcs=False))
-      builder = AskdImagenet2012(data_dir=data_dir, validation_labels=validation_labels)
-  return builder
+  return prepare_once(
+      lambda: AskdImagenet2012(data_dir=data_dir, validation_labels=validation_labels),
+      data_dir, ".askd_imagenet2012.lock", manual_dir=manual_dir)
 
 
 # -------------------------------------------------------------------------- transforms

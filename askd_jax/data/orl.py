@@ -23,7 +23,6 @@ at load from the test labels (cheap, and any pair count can be asked for without
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -33,6 +32,8 @@ from typing import Any, Dict, Iterator, Sequence, Tuple
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+
+from askd_jax.data.prepared import prepare_once, resolve_data_dir
 
 NUM_PEOPLE = 40
 PHOTOS_PER_PERSON = 10
@@ -188,41 +189,11 @@ def make_verification_pairs(labels: Sequence[int], num_pairs: int, folds: int = 
           same[order].astype(bool))
 
 
-def default_data_dir() -> str:
-  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-  """An exclusive inter-process lock (POSIX flock); a no-op where fcntl does not exist."""
-  try:
-    import fcntl  # pylint: disable=g-import-not-at-top
-  except ImportError:  # pragma: no cover (Windows)
-    yield
-    return
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def prepare(data_dir: str | None = None, image_size: int = 112) -> OrlFaces:
   """The prepared builder; writes the array_record files on first use (under a file lock)."""
-  data_dir = os.path.abspath(data_dir or default_data_dir())
-  os.makedirs(data_dir, exist_ok=True)
-  builder = OrlFaces(image_size=image_size, data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  with _file_lock(os.path.join(data_dir, f".orl_faces_px{image_size}.lock")):
-    builder = OrlFaces(image_size=image_size, data_dir=data_dir)  # another process may have won
-    if not builder.is_prepared():
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-      builder = OrlFaces(image_size=image_size, data_dir=data_dir)
-  return builder
+  data_dir = resolve_data_dir(data_dir)
+  return prepare_once(lambda: OrlFaces(image_size=image_size, data_dir=data_dir), data_dir,
+                      f".orl_faces_px{image_size}.lock")
 
 
 def _stack(source) -> Dict[str, np.ndarray]:

@@ -18,14 +18,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from askd_jax.data.imagenet import default_data_dir, file_lock
+from askd_jax.data.prepared import prepare_once, resolve_data_dir
 
 CLASSES = ("disc", "ring", "triangle", "square", "frame", "star", "cross", "bar", "pair",
            "crescent")
@@ -191,17 +190,7 @@ class AskdShapes(tfds.core.GeneratorBasedBuilder):
 def prepare(data_dir: str | None = None, image_size: int = 32, num_train: int = 5000,
             num_test: int = 1000) -> AskdShapes:
   """The prepared builder; generates the array_record files on first use (seconds)."""
-  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
-  os.makedirs(data_dir, exist_ok=True)
+  data_dir = resolve_data_dir(data_dir)
   kw = dict(image_size=image_size, num_train=num_train, num_test=num_test, data_dir=data_dir)
-  builder = AskdShapes(**kw)
-  if builder.is_prepared():
-    return builder
-  with file_lock(os.path.join(data_dir, f".askd_shapes_{builder.builder_config.name}.lock")):
-    builder = AskdShapes(**kw)
-    if not builder.is_prepared():
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-      builder = AskdShapes(**kw)
-  return builder
+  name = AskdShapes(**kw).builder_config.name
+  return prepare_once(lambda: AskdShapes(**kw), data_dir, f".askd_shapes_{name}.lock")

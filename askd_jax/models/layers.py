@@ -1,6 +1,7 @@
 """Small layers whose semantics must match the official PyTorch code exactly."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -33,20 +34,80 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     if train:
-      axes = tuple(range(x.ndim - 1))
-      xf = x.astype(jnp.float32)
-      mean = jnp.mean(xf, axes)
-      var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if not self.is_initializing():
         n = x.size // c
         unbiased = var * (n / max(n - 1, 1))
         ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * mean
         ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * unbiased
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    add = bias - mean * mul
+      return y
+    mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+    add = bias - ra_mean.value * mul
     return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+def _column_sum(x2: jax.Array) -> jax.Array:
+  """(N, C) -> (C,) float32 sums over N.
+
+  On CPU as a matrix-vector product with a ones vector: XLA:CPU runs the column reduction
+  of an NHWC batch (and the reduce-window split its tree-reduction pass adds) several
+  times slower than a GEMV (measured: BN statistics of a 32x56x56x64 batch 84 -> 24 ms).
+  Elsewhere the plain reduction (native on GPU/TPU)."""
+  if jax.default_backend() == "cpu":
+    ones = jnp.ones((x2.shape[0],), x2.dtype)
+    return jnp.dot(ones, x2, precision=jax.lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.float32)
+  return jnp.sum(x2.astype(jnp.float32), axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+  """Training-mode BN over all axes but the last: (y, batch mean, biased batch variance).
+
+  Statistics in float32, the normalisation in x's dtype. The backward is the closed form
+  (two column sums of the cotangent, one elementwise pass); mean and variance are for the
+  running statistics only: gradients through them are not propagated (the layer
+  stop-gradients them; they never reach a loss)."""
+  return _bn_forward(x, scale, bias, epsilon)[0]
+
+
+def _bn_forward(x, scale, bias, epsilon):
+  c = x.shape[-1]
+  n = x.size // c
+  x2 = x.reshape(n, c)
+  mean = _column_sum(x2) / n
+  xf = x2.astype(jnp.float32) if x2.dtype != jnp.float32 else x2
+  var = jnp.maximum(_column_sum(xf * xf) / n - mean * mean, 0.0)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  mul = scale * rstd
+  add = bias - mean * mul
+  y = x * mul.astype(x.dtype) + add.astype(x.dtype)
+  return (y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)), (x, mean, rstd, scale)
+
+
+def _bn_fwd_rule(x, scale, bias, epsilon):
+  return _bn_forward(x, scale, bias, epsilon)
+
+
+def _bn_bwd_rule(epsilon, res, g):
+  del epsilon
+  x, mean, rstd, scale = res
+  dy = g[0]
+  c = x.shape[-1]
+  n = x.size // c
+  dy2 = dy.reshape(n, c)
+  sdy = _column_sum(dy2)                                    # sum dy
+  sdyx = _column_sum(dy2.astype(jnp.float32) * x.reshape(n, c).astype(jnp.float32))
+  dscale = (sdyx - mean * sdy) * rstd                       # sum dy * xhat
+  k = scale * rstd
+  # dx = k (dy - mean(dy) - xhat mean(dy xhat)), xhat = (x - mean) rstd
+  a = k * rstd * dscale / n
+  b = k * sdy / n - a * mean
+  dx = dy * k.astype(dy.dtype) - x * a.astype(x.dtype) - b.astype(x.dtype)
+  return dx.astype(x.dtype), dscale, sdy
+
+
+batch_norm_train.defvjp(_bn_fwd_rule, _bn_bwd_rule)
 
 
 class PReLU(nn.Module):

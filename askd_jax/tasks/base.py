@@ -10,12 +10,48 @@ import optax
 
 
 class Task:
+  """Subclasses load their data in `load_data` and may add per-record training transforms
+  in `augment_transforms`; the data, its size and the train loader are then common."""
   name = "task"
-  num_train_examples: int = 0
   input_size: int = 112
+  batch_keys: Tuple[str, ...] = ("image", "label")  # what a training batch holds
 
   def __init__(self, cfg):
     self.cfg = cfg
+    self._data = None
+
+  # --- data ------------------------------------------------------------------------------
+  def load_data(self) -> Dict[str, Any]:
+    """{'train': random-access source, optional 'train_transforms' (decoding the stored
+    records), 'num_classes', and what the task's evaluation reads}."""
+    raise NotImplementedError
+
+  @property
+  def data(self) -> Dict[str, Any]:
+    if self._data is None:
+      self._data = self.load_data()
+    return self._data
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.data["num_classes"])
+
+  @property
+  def num_train_examples(self) -> int:
+    return len(self.data["train"])
+
+  def augment_transforms(self) -> list:
+    """Per-record training transforms after decoding (augmentation)."""
+    return []
+
+  def train_loader(self, global_batch: int, seed: int):
+    """Shuffled, sharded, batched training records: decode, augment, keep `batch_keys`."""
+    from askd_jax.data import pipeline
+    ops = [*self.data.get("train_transforms", ()), *self.augment_transforms()]
+    return pipeline.make_train_loader(self.data["train"], global_batch_size=global_batch,
+                                      seed=seed, transforms=ops,
+                                      worker_count=self.cfg.data.get("workers", 0),
+                                      keys=self.batch_keys)
 
   # --- model -------------------------------------------------------------------------
   def model(self, dtype=jnp.float32, spec: Dict[str, Any] | None = None):
@@ -55,9 +91,6 @@ class Task:
     acc = (jnp.argmax(logits, -1) == labels).mean()
     return ce, {"accuracy": acc}
 
-  # --- data and evaluation ---------------------------------------------------------------
-  def train_loader(self, global_batch: int, seed: int):
-    raise NotImplementedError
-
+  # --- evaluation ------------------------------------------------------------------------
   def evaluate(self, model, variables, stage, sizes) -> Dict[str, Any]:
     raise NotImplementedError

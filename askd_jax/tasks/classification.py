@@ -75,31 +75,16 @@ class ClassificationTask(Task):
   def __init__(self, cfg):
     super().__init__(cfg)
     self.input_size = int(cfg.data.image_size)
-    self._data = None
 
   # --- data ------------------------------------------------------------------------------
-  @property
-  def data(self) -> Dict[str, Any]:
-    if self._data is None:
-      self._data = load_classification_data(self.cfg.data)
-    return self._data
+  def load_data(self) -> Dict[str, Any]:
+    return load_classification_data(self.cfg.data)
 
-  @property
-  def num_classes(self) -> int:
-    return int(self.data["num_classes"])
-
-  @property
-  def num_train_examples(self) -> int:
-    return len(self.data["train"])
-
-  def train_loader(self, global_batch: int, seed: int):
-    from askd_jax.data import imagenet, pipeline
+  def augment_transforms(self) -> list:
+    from askd_jax.data import imagenet
     d = self.cfg.data
-    transforms = imagenet.train_transforms(self.input_size, d.crop_scale, d.crop_ratio,
-                                           d.get("flip", True))
-    return pipeline.make_train_loader(self.data["train"], global_batch_size=global_batch,
-                                      seed=seed, transforms=transforms,
-                                      worker_count=d.get("workers", 0))
+    return imagenet.train_transforms(self.input_size, d.crop_scale, d.crop_ratio,
+                                     d.get("flip", True))
 
   # --- model -----------------------------------------------------------------------------
   def spec(self) -> Dict[str, Any]:

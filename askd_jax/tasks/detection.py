@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import grain.python as grain
@@ -221,8 +220,8 @@ def load_detection_data(dcfg) -> Dict[str, Any]:
   if name == "widerface":
     import os
     from askd_jax.data import widerface
-    from askd_jax.data.imagenet import default_data_dir
-    data_dir = os.path.abspath(os.path.expanduser(dcfg.get("data_dir") or default_data_dir()))
+    from askd_jax.data.prepared import resolve_data_dir
+    data_dir = resolve_data_dir(dcfg.get("data_dir"))
     manual = dcfg.get("manual_dir")
     if manual and not os.path.isdir(os.path.expanduser(manual)):
       raise FileNotFoundError(f"config.data.manual_dir={manual!r} does not exist; point it at "
@@ -256,30 +255,17 @@ class DetectionTask(Task):
   name = "detection"
   report_caption = "AP (%) on `{set}` (WIDER FACE protocol: IoU 0.5, all-point VOC AP)"
 
+  batch_keys = BATCH_KEYS
+
   def __init__(self, cfg):
     super().__init__(cfg)
     self.input_size = int(cfg.data.image_size)
     self.max_boxes = int(cfg.data.max_boxes)
-    self._data = None
     self._anchors: Dict[int, np.ndarray] = {}
 
   # --- data ------------------------------------------------------------------------------
-  @property
-  def data(self) -> Dict[str, Any]:
-    if self._data is None:
-      self._data = load_detection_data(self.cfg.data)
-    return self._data
-
-  @property
-  def num_train_examples(self) -> int:
-    return len(self.data["train"])
-
-  def train_loader(self, global_batch: int, seed: int):
-    from askd_jax.data import pipeline
-    return pipeline.make_train_loader(self.data["train"], global_batch_size=global_batch,
-                                      seed=seed, transforms=self.data["train_transforms"],
-                                      worker_count=self.cfg.data.get("workers", 0),
-                                      keys=BATCH_KEYS)
+  def load_data(self) -> Dict[str, Any]:
+    return load_detection_data(self.cfg.data)
 
   def sample_batch(self, n: int) -> Dict[str, np.ndarray]:
     s, g = self.input_size, self.max_boxes
@@ -292,14 +278,17 @@ class DetectionTask(Task):
     return {"task": "detection", "arch": "tinaface_cbam", "depth": int(m.depth),
             "width": int(m.width), "stage_sizes": list(m.stage_sizes) if m.stage_sizes else None,
             "fpn_channels": int(m.fpn_channels), "stacked_convs": int(m.stacked_convs),
-            "norm": m.norm, "input_size": self.input_size, "dataset": self.cfg.data.name,
+            "norm": m.norm, "bn_per_level": bool(m.get("bn_per_level", True)),
+            "input_size": self.input_size, "dataset": self.cfg.data.name,
             "channel_order": "rgb", "input_range": "[-1, 1]"}
 
   def model(self, dtype=jnp.float32, spec=None):
     s = spec or self.spec()
     net = tinaface_cbam(s.get("depth", 50), s.get("width", 64), s.get("fpn_channels", 256),
                         s.get("stage_sizes") or None, stacked_convs=s.get("stacked_convs", 4),
-                        norm=s.get("norm", "bn"), dtype=dtype)
+                        norm=s.get("norm", "bn"),
+                        # checkpoints written before the option had one BN for all levels
+                        bn_per_level=s.get("bn_per_level", False), dtype=dtype)
     return Detector(net)
 
   def check_teacher(self, tspec, path):

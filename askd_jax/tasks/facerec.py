@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
@@ -22,30 +22,14 @@ class FaceRecTask(Task):
   def __init__(self, cfg):
     super().__init__(cfg)
     self.input_size = cfg.data.image_size
-    self._data = None
 
   # --- data ------------------------------------------------------------------------------
-  @property
-  def data(self) -> Dict[str, Any]:
-    if self._data is None:
-      self._data = load_face_data(self.cfg.data)
-    return self._data
+  def load_data(self) -> Dict[str, Any]:
+    return load_face_data(self.cfg.data)
 
-  @property
-  def num_classes(self) -> int:
-    return int(self.data["num_classes"])
-
-  @property
-  def num_train_examples(self) -> int:
-    return len(self.data["train"])
-
-  def train_loader(self, global_batch: int, seed: int):
-    from askd_jax.data import augment, pipeline
-    transforms = list(self.data.get("train_transforms", []))  # decode stored bytes first
-    transforms += augment.face_train_transforms(self.cfg.data.get("augment", "flip"))
-    return pipeline.make_train_loader(self.data["train"], global_batch_size=global_batch,
-                                      seed=seed, transforms=transforms,
-                                      worker_count=self.cfg.data.get("workers", 0))
+  def augment_transforms(self) -> list:
+    from askd_jax.data import augment
+    return augment.face_train_transforms(self.cfg.data.get("augment", "flip"))
 
   # --- model -----------------------------------------------------------------------------
   def spec(self) -> Dict[str, Any]:

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from askd_jax.train.sharding import restore_replicated
+
 SPEC_FILE = "model.json"
 
 
@@ -79,8 +81,8 @@ def load_model(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
                             "(teacher.checkpoint / --checkpoint)")
   spec = read_spec(path)
   vdir = os.path.join(path, "variables")
-  if os.path.isdir(vdir):
-    variables = ocp.StandardCheckpointer().restore(vdir)
+  if os.path.isdir(vdir):  # replicated on this run's devices, whatever layout wrote it
+    variables = restore_replicated(vdir)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}, spec
   ckdir = os.path.join(path, "checkpoints")
   if os.path.isdir(ckdir):

@@ -12,11 +12,10 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from askd_jax import distill as distill_lib
 from askd_jax.data import degrade as degrade_lib
@@ -186,11 +185,15 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
       t0 = time.time()
       state, metrics = jstep(state, teacher_vars, batch)
       step += 1
+      # A stop signal may reach one host only, or hosts at different steps: all processes
+      # agree on it after every step, so they save the same step together (a save is
+      # collective) instead of one waiting forever in it.
+      stop = shd.any_process(sig.caught is not None)
       if compile_s is None:
         jax.block_until_ready(metrics)
         compile_s = time.time() - t0
         last_t, last_step = time.time(), step
-      if step % log_every == 0 or step == total_steps or sig.caught:
+      if step % log_every == 0 or step == total_steps or stop:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
         m["images_per_s"] = (step - last_step) * gbatch / max(now - last_t, 1e-9)
@@ -207,11 +210,12 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
         bar.update(1)
       if ck_every and step % ck_every == 0 and step < total_steps:
         save(step)
-      if sig.caught:
+      if stop:
         save(step)
         if bar is not None:
           bar.close()
-        raise Preempted(f"{sig.caught} received: stage {stage.name} stopped after step {step} "
+        why = f"{sig.caught} received" if sig.caught else "another process received a stop signal"
+        raise Preempted(f"{why}: stage {stage.name} stopped after step {step} "
                         f"and saved a checkpoint in {stage_dir}; run the same command again to "
                         "resume")
     if int(state.step) not in mgr.all_steps():

@@ -28,7 +28,14 @@ def step_schedule(base_lr: float, steps_per_epoch: int, boundaries_epochs: Seque
 
 
 def cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0):
-  return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps, max(total_steps, 1))
+  """Linear warm-up from 0 over `warmup_steps`, then a cosine down to 0 at `total_steps`.
+
+  A warm-up as long as the run (a short run of a long recipe, e.g. `train.steps=10` with
+  500 warm-up iterations) is cut to end one step before the last, so the schedule exists
+  and reaches `base_lr`."""
+  total = max(int(total_steps), 1)
+  warm = max(min(int(warmup_steps), total - 1), 0)
+  return optax.warmup_cosine_decay_schedule(0.0, base_lr, warm, total)
 
 
 def sgd_torch(learning_rate, momentum: float = 0.9, weight_decay: float = 5e-4,

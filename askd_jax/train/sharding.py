@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from askd_jax.train.step import compiler_options
+
 log = logging.getLogger(__name__)
 
 DATA = "data"
@@ -97,8 +99,10 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_sh: Any, donate: bool = 
   cache), and the first collective must not wait on a slow compiler (gloo gives up after
   30 s)."""
   repl = replicated(mesh)
+  opts = compiler_options(mesh.devices.flat[0].platform)
   jitted = jax.jit(step_fn, in_shardings=(state_sh, repl, batch_sharding(mesh)),
-                   out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else ())
+                   out_shardings=(state_sh, repl), donate_argnums=(0,) if donate else (),
+                   compiler_options=opts or None)
   if jax.process_count() == 1:
     return jitted
   compiled = []
@@ -110,6 +114,15 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_sh: Any, donate: bool = 
     return compiled[0](*args)
 
   return step
+
+
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is set in any process (a collective: every process must call it at the
+  same point). With one process, `flag` itself."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 
 
 _BARRIERS = [0]

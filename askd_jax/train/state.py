@@ -5,7 +5,6 @@ from typing import Any
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 
 
 @flax.struct.dataclass

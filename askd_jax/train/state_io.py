@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from askd_jax.train.checkpoint import params_hash
+from askd_jax.train.sharding import restore_replicated
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,47 @@ def _set_aside(mgr: ocp.CheckpointManager, step: int) -> Optional[str]:
   return None
 
 
+def _layout_mismatch(mgr: ocp.CheckpointManager, step: int, abstract_state) -> Optional[str]:
+  """How the saved state's arrays differ from this run's (None: same). Raises when the
+  step's metadata cannot be read (then the step is corrupt)."""
+  md = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "state"))
+  md = getattr(md, "item_metadata", md)
+  saved = jax.tree_util.tree_flatten_with_path(getattr(md, "tree", md))[0] if md else []
+  if not saved:
+    raise ValueError("no readable array metadata")
+  mine = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+  key = lambda path: tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                           for k in path)
+  saved = {key(p): tuple(m.shape) for p, m in saved}
+  mine = {key(p): tuple(a.shape) for p, a in mine}
+  if saved.keys() != mine.keys():
+    extra, missing = sorted(saved.keys() - mine.keys()), sorted(mine.keys() - saved.keys())
+    return (f"arrays only in the checkpoint: {['/'.join(k) for k in extra[:3]]}, only in this "
+            f"run: {['/'.join(k) for k in missing[:3]]}")
+  diff = [k for k in mine if saved[k] != mine[k]]
+  if diff:
+    k = diff[0]
+    return f"{'/'.join(k)} has shape {saved[k]} there but {mine[k]} in this run"
+  return None
+
+
 def restore_latest(mgr: ocp.CheckpointManager, abstract_state
                    ) -> Optional[Tuple[int, Any, Optional[bytes], Dict[str, Any]]]:
-  """(step, state, data_state, meta) of the newest intact step, or None if there is none."""
+  """(step, state, data_state, meta) of the newest intact step, or None if there is none.
+
+  Only a corrupt step (unreadable, or arrays that no longer match their hash) is set aside;
+  a step that is intact but was written by another model or optimiser layout stops the run
+  with an error and stays where it is."""
   steps = sorted(mgr.all_steps(), reverse=True)
   for i, step in enumerate(steps):
+    try:
+      mismatch = _layout_mismatch(mgr, step, abstract_state)
+    except Exception:  # unreadable metadata: corrupt, handled below with the restore error
+      mismatch = None
+    if mismatch:
+      raise ValueError(f"{mgr.directory}: checkpoint step {step} holds a different model or "
+                       f"optimiser than this run builds ({mismatch}); restore the config it "
+                       "was trained with, or use a new --workdir")
     try:
       out = mgr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
@@ -108,16 +145,15 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state
 
 
 def load_latest_variables(ckdir: str) -> Dict[str, Any]:
-  """{'params', 'batch_stats'} of the newest readable step (for evaluation / as a teacher)."""
+  """{'params', 'batch_stats'} of the newest readable step (for evaluation / as a teacher),
+  replicated on this run's devices whatever process / device layout wrote the step."""
   mgr = manager(ckdir, read_only=True)
   for step in sorted(mgr.all_steps(), reverse=True):
     try:
-      out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                      meta=ocp.args.JsonRestore()))
-      st = out["state"]
-      get = (lambda k: st[k]) if isinstance(st, dict) else (lambda k: getattr(st, k))
-      variables = {"params": get("params"), "batch_stats": get("batch_stats")}
-      want = (out["meta"] or {}).get("params_hash")
+      st = restore_replicated(os.path.join(str(mgr.directory), str(step), "state"))
+      meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      variables = {"params": st["params"], "batch_stats": st["batch_stats"]}
+      want = (meta or {}).get("params_hash")
       if want is not None and params_hash(variables["params"]) != want:
         raise ValueError("its parameters no longer match the hash written beside them")
     except Exception as e:

@@ -1,0 +1,63 @@
+"""Stage checkpoints (askd_jax/train/state_io.py): what is set aside and what is not."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from askd_jax.train import state_io
+
+
+def _state(width: int):
+  return {"params": {"w": jnp.arange(width * 3, dtype=jnp.float32).reshape(width, 3),
+                     "b": jnp.ones((3,), jnp.float32)},
+          "batch_stats": {}, "step": jnp.int32(7)}
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def test_intact_step_of_another_layout_is_refused_and_kept(tmp_path):
+  ck = str(tmp_path / "checkpoints")
+  mgr = state_io.manager(ck)
+  assert state_io.save(mgr, 7, _state(4), None, {"stage": "s"})
+  with pytest.raises(ValueError, match=r"step 7 holds a different model.*w has shape \(4, 3\) "
+                                       r"there but \(5, 3\) in this run.*new --workdir"):
+    state_io.restore_latest(mgr, _abstract(_state(5)))
+  other = {"params": {"w": jnp.zeros((4, 3))}, "batch_stats": {}, "step": jnp.int32(0)}
+  with pytest.raises(ValueError, match="arrays only in the checkpoint: .*params/b"):
+    state_io.restore_latest(mgr, _abstract(other))
+  assert sorted(os.listdir(ck)) == ["7"]   # nothing set aside, nothing renamed
+  step, st, _, meta = state_io.restore_latest(mgr, _abstract(_state(4)))  # the right layout
+  assert step == 7 and meta["stage"] == "s"
+  np.testing.assert_array_equal(st["params"]["w"], _state(4)["params"]["w"])
+
+
+def test_unreadable_step_is_set_aside_and_the_previous_one_restored(tmp_path):
+  ck = str(tmp_path / "checkpoints")
+  mgr = state_io.manager(ck, keep=3)
+  state_io.save(mgr, 1, _state(4), None, {})
+  s2 = _state(4)
+  s2["params"]["b"] = s2["params"]["b"] * 2
+  state_io.save(mgr, 2, s2, None, {})
+  for root, _, files in os.walk(os.path.join(ck, "2", "state")):
+    for f in files:  # every file of step 2's state emptied: nothing of it can be read
+      open(os.path.join(root, f), "w").close()
+  step, st, _, _ = state_io.restore_latest(mgr, _abstract(_state(4)))
+  assert step == 1
+  np.testing.assert_array_equal(st["params"]["b"], np.ones(3))
+  names = sorted(os.listdir(ck))
+  assert names[0] == "1" and names[1].startswith("2.unreadable-")
+
+
+def test_load_latest_variables_replicates_on_this_run(tmp_path):
+  ck = str(tmp_path / "checkpoints")
+  mgr = state_io.manager(ck)
+  state_io.save(mgr, 3, _state(4), None, {})
+  v = state_io.load_latest_variables(ck)
+  np.testing.assert_array_equal(v["params"]["w"], _state(4)["params"]["w"])
+  assert v["params"]["w"].sharding.is_fully_replicated
