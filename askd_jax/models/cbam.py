@@ -12,6 +12,36 @@ from askd_jax.models.layers import conv
 Dtype = Any
 
 
+def spatial_sum(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, C) float32 sums over H, W: a batched GEMV on CPU, where XLA's
+  reduction over the middle axes is several times slower (see layers._column_sum)."""
+  b, c = x.shape[0], x.shape[-1]
+  if jax.default_backend() == "cpu":
+    ones = jnp.ones((x.shape[1] * x.shape[2],), x.dtype)
+    return jnp.einsum("bnc,n->bc", x.reshape(b, -1, c), ones,
+                      precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return jnp.sum(x.astype(jnp.float32), axis=(1, 2))
+
+
+@jax.custom_vjp
+def gate_channels(x: jax.Array, s: jax.Array) -> jax.Array:
+  """x (B, H, W, C) * s (B, C) (float32) per channel; the gate's gradient is `spatial_sum`."""
+  return x * s.astype(x.dtype)[:, None, None, :]
+
+
+def _gate_fwd(x, s):
+  return gate_channels(x, s), (x, s)
+
+
+def _gate_bwd(res, g):
+  x, s = res
+  dx = g * s.astype(g.dtype)[:, None, None, :]
+  return dx, spatial_sum(g.astype(jnp.float32) * x.astype(jnp.float32))
+
+
+gate_channels.defvjp(_gate_fwd, _gate_bwd)
+
+
 class ChannelAttention(nn.Module):
   """Shared MLP over avg- and max-pooled features; returns (x * sigmoid(a), a), a: (B, C)."""
   reduction: int = 16
@@ -24,10 +54,11 @@ class ChannelAttention(nn.Module):
     dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                      kernel_init=nn.initializers.xavier_uniform(), name=name)
     # One matmul for both pooled vectors: (2B, C) -> (2B, C/r) -> (2B, C).
-    pooled = jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], axis=0)
+    avg = (spatial_sum(x) / (x.shape[1] * x.shape[2])).astype(x.dtype)
+    pooled = jnp.concatenate([avg, jnp.max(x, axis=(1, 2))], axis=0)
     h = dense(c, "fc2")(nn.relu(dense(hidden, "fc1")(pooled)))
     att = (h[:b] + h[b:]).astype(jnp.float32)  # (B, C), pre-sigmoid
-    return x * jax.nn.sigmoid(att).astype(x.dtype)[:, None, None, :], att
+    return gate_channels(x, jax.nn.sigmoid(att)), att
 
 
 class SpatialAttention(nn.Module):

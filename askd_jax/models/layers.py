@@ -118,7 +118,30 @@ class PReLU(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     alpha = self.param("alpha", nn.initializers.constant(self.init_value),
                        (x.shape[-1],), jnp.float32)
-    return jnp.where(x >= 0, x, x * alpha.astype(x.dtype))
+    return prelu(x, alpha)
+
+
+@jax.custom_vjp
+def prelu(x: jax.Array, alpha: jax.Array) -> jax.Array:
+  """max(x, 0) + alpha * min(x, 0) per channel (last axis); alpha float32. The slope's
+  gradient is a column sum (a GEMV on CPU, see `_column_sum`), not XLA's reduction."""
+  return jnp.where(x >= 0, x, x * alpha.astype(x.dtype))
+
+
+def _prelu_fwd(x, alpha):
+  return prelu(x, alpha), (x, alpha)
+
+
+def _prelu_bwd(res, g):
+  x, alpha = res
+  neg = x < 0
+  dx = jnp.where(neg, g * alpha.astype(g.dtype), g)
+  c = x.shape[-1]
+  gx = jnp.where(neg, g.astype(jnp.float32) * x.astype(jnp.float32), 0.0)
+  return dx, _column_sum(gx.reshape(-1, c))
+
+
+prelu.defvjp(_prelu_fwd, _prelu_bwd)
 
 
 def conv(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, name: str | None = None,
