@@ -71,6 +71,8 @@ def _base(preset: str) -> ml_collections.ConfigDict:
   c.model.depth = 50
   c.model.width = 64               # stem / first-stage channels (64 = ResNet-50)
   c.model.stage_sizes = ()         # blocks per stage; () = the depth's standard layout
+  c.model.backbone_init = ""       # ImageNet ResNet-CBAM to start from (a stage dir of
+  #                                  configs/imagenet.py or an exported model); '' = scratch
   c.model.fpn_channels = 256
   c.model.stacked_convs = 4
   # gn: GroupNorm(32) in FPN, Inception and head, as TinaFace's published (GN + DCN) model;

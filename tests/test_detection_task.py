@@ -286,7 +286,6 @@ def test_full_size_askd_student_step_shapes_640():
 
 # --------------------------------------------------------------------------- end to end
 
-@pytest.mark.xfail(reason="known: NaN gradient in the tiny TinaFace teacher in CI (BN over shared FPN levels); open in issue 10", strict=False)
 def test_tiny_teacher_and_askd_student_from_the_cli(tmp_path):
   workdir = tmp_path / "run"
   args = [sys.executable, "-m", "askd_jax.main", "--config=configs/widerface.py:small",
@@ -361,3 +360,47 @@ def test_widerface_fixture_files_through_the_task(tmp_path):
     for d in DIFFICULTIES:
       np.testing.assert_array_equal(gt.keep[d], np.array(fixture.KEEP[d][stem]) - 1)
   np.testing.assert_array_equal(items[0][2].boxes[0], [1, 2, 30, 30])
+
+
+def test_backbone_starts_from_an_imagenet_classifier(tmp_path):
+  """model.backbone_init: a trained ResNet-CBAM classifier's layers (not its fc) replace the
+  detector's random backbone; FPN and head keep their initialisation; a mismatch is refused."""
+  from askd_jax.models.resnet import resnet_cbam
+  from askd_jax.train import loop
+  from askd_jax.train.checkpoint import export_model
+  cfg = _config("small")
+  cfg.data.image_size = 64
+  cfg.model.stacked_convs = 1
+  cfg.model.fpn_channels = 16
+  clf = resnet_cbam(50, 10, cfg.model.width, cfg.model.stage_sizes)
+  cv = jax.jit(lambda k: clf.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(3))
+  spec = {"task": "classification", "arch": "resnet_cbam", "depth": 50,
+          "width": cfg.model.width, "stage_sizes": list(cfg.model.stage_sizes),
+          "num_classes": 10, "input_size": 32}
+  export_model(str(tmp_path / "imagenet"), jax.device_get(cv), spec)
+  cfg.model.backbone_init = str(tmp_path / "imagenet")
+  task = det.DetectionTask(cfg)
+  pre = task.pretrained_variables()
+  assert "fc" in cv["params"] and "fc" not in pre["params"]["backbone"]
+  model = task.model()
+  x = jnp.zeros((1, 64, 64, 3))
+  v = jax.jit(lambda k: model.init(k, x, None, train=True))(jax.random.key(0))
+  from askd_jax.train.state import TrainState
+  state = TrainState(step=jnp.int32(0), params=v["params"], batch_stats=v["batch_stats"],
+                          opt_state=(), rng=jnp.zeros((2,), jnp.uint32), bad_steps=jnp.int32(0),
+                          first_bad_step=jnp.int32(-1), bad_terms={})
+  from askd_jax.train import sharding as shd
+  sh = jax.tree.map(lambda _: shd.replicated(shd.make_mesh()), state)
+  new = loop.with_pretrained(state, pre, sh)
+  got, want = new.params["backbone"], cv["params"]
+  for k in want:
+    if k != "fc":
+      jax.tree.map(np.testing.assert_array_equal, got[k], want[k])
+  np.testing.assert_array_equal(new.batch_stats["backbone"]["stem_bn"]["mean"],
+                                cv["batch_stats"]["stem_bn"]["mean"])
+  jax.tree.map(np.testing.assert_array_equal, new.params["fpn"], v["params"]["fpn"])
+  assert not np.array_equal(new.params["backbone"]["stem_conv"]["kernel"],
+                            v["params"]["backbone"]["stem_conv"]["kernel"])
+  cfg.model.width = 16  # another backbone width: refused in one line
+  with pytest.raises(ValueError, match=r"has width=8 but this run's model.width is 16"):
+    det.DetectionTask(cfg).pretrained_variables()

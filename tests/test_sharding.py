@@ -51,7 +51,10 @@ def test_four_devices_equal_one(equiv, method):
   np.testing.assert_allclose(r["four"]["distill"], r["one"]["distill"], rtol=1e-5)
   assert r["one"]["distill"][0] > 0  # the teacher term is really in the loss
   assert r["params"]["finite"] and r["params"]["rel"] < 1e-5, r["params"]
-  assert r["stats"]["rel"] < 1e-5, r["stats"]  # BatchNorm statistics over the global batch
+  # BatchNorm statistics over the global batch. Their column sums are GEMVs on CPU
+  # (models/layers.py), accumulated in another order over 4 shards than over one batch:
+  # float32 rounding of ~3e-7 on running means of ~0.01 (measured 2.7e-5 relative).
+  assert r["stats"]["rel"] < 1e-4, r["stats"]
 
 
 def test_sharded_state_equals_replicated(equiv):
@@ -64,7 +67,7 @@ def test_sharded_state_equals_replicated(equiv):
   assert "['head']['kernel']" in sharded
   assert "opt_state" in sharded  # its momentum too
   np.testing.assert_allclose(run["losses"], equiv["askd"]["one"]["losses"], rtol=1e-5)
-  assert r["params"]["rel"] < 1e-5 and r["stats"]["rel"] < 1e-5, (r["params"], r["stats"])
+  assert r["params"]["rel"] < 1e-5 and r["stats"]["rel"] < 1e-4, (r["params"], r["stats"])
   # Replicated runs split nothing.
   assert equiv["askd"]["four"]["sharded"] == []
   assert equiv["askd"]["four"]["margin_spec"] == []

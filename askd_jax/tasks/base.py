@@ -68,6 +68,11 @@ class Task:
         raise ValueError(f"teacher {path} has {k}={tspec.get(k)!r} but this run needs "
                          f"{k}={mine.get(k)!r}; point student.teacher at a matching checkpoint")
 
+  def pretrained_variables(self) -> Dict[str, Any] | None:
+    """Part of {'params', 'batch_stats'} to start a fresh stage from (e.g. an ImageNet
+    backbone), overlaid on the random initialisation; None: start from scratch."""
+    return None
+
   # --- one batch -----------------------------------------------------------------------
   def preprocess(self, batch) -> jax.Array:
     """uint8 NHWC -> float32 in [-1, 1] (the official (x / 255 - 0.5) / 0.5)."""

@@ -300,6 +300,28 @@ class DetectionTask(Task):
                          f"{mine[k]!r}; set model.{k} to match or point student.teacher at a "
                          "matching checkpoint")
 
+  def pretrained_variables(self):
+    """The backbone of a trained ResNet-CBAM classifier (`model.backbone_init`: a stage
+    directory of configs/imagenet.py, or an exported model), TinaFace's ImageNet start."""
+    path = self.cfg.model.get("backbone_init", "")
+    if not path:
+      return None
+    from askd_jax.train.checkpoint import load_model
+    variables, spec = load_model(path)
+    mine = self.spec()
+    if spec.get("task") != "classification" or spec.get("arch") != "resnet_cbam":
+      raise ValueError(f"model.backbone_init={path!r} holds a {spec.get('task')}/"
+                       f"{spec.get('arch')} model; give an ImageNet ResNet-CBAM "
+                       "(a stage of configs/imagenet.py) or clear model.backbone_init")
+    for k in ("depth", "width", "stage_sizes"):
+      if spec.get(k) != mine[k]:
+        raise ValueError(f"model.backbone_init={path!r} has {k}={spec.get(k)!r} but this run's "
+                         f"model.{k} is {mine[k]!r}; set model.{k} to match or use a matching "
+                         "backbone")
+    params = {k: v for k, v in variables["params"].items() if k != "fc"}  # the classifier
+    return {"params": {"backbone": params},
+            "batch_stats": {"backbone": variables.get("batch_stats", {})}}
+
   def _stage_sizes(self, model) -> Tuple[int, ...]:
     return tuple(model.net.stage_sizes)
 

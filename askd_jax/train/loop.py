@@ -131,6 +131,11 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
   data_state = None
   if restored is None:
     state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
+    pretrained = task.pretrained_variables()
+    if pretrained:
+      state = with_pretrained(state, pretrained, state_sh)
+      log.info("%s: started from pretrained %s", stage.name,
+               ", ".join(f"{c}/{k}" for c, t in pretrained.items() for k in t))
   else:
     step0, state, data_state, old_meta = restored
     # The teacher's parameters must be the ones this student was trained against; a moved
@@ -234,6 +239,31 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
   if writer is not None:
     writer.close()
   return stage_dir
+
+
+def with_pretrained(state, pretrained, state_sh):
+  """`state` with the subtrees of pretrained {'params': ..., 'batch_stats': ...} in place of
+  the initialised ones, on the state's shardings; every array must keep its shape."""
+  def overlay(tree, new, where):
+    tree = dict(tree)
+    for k, v in new.items():
+      if k not in tree:
+        raise ValueError(f"pretrained {where}/{k} has no counterpart in this model "
+                         f"(it has {sorted(tree)[:8]}); the architectures differ")
+      if isinstance(v, dict):
+        tree[k] = overlay(tree[k], v, f"{where}/{k}")
+      elif tuple(v.shape) != tuple(tree[k].shape):
+        raise ValueError(f"pretrained {where}/{k} has shape {tuple(v.shape)} but this model "
+                         f"needs {tuple(tree[k].shape)}; the architectures differ")
+      else:
+        tree[k] = jax.numpy.asarray(v, tree[k].dtype)
+    return tree
+  out = {}
+  for col in ("params", "batch_stats"):
+    if pretrained.get(col):
+      new = overlay(getattr(state, col), pretrained[col], col)
+      out[col] = jax.device_put(new, getattr(state_sh, col))
+  return state.replace(**out)
 
 
 def student_degrade_cfg(scfg, sizes):
