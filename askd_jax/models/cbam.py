@@ -14,7 +14,7 @@ Dtype = Any
 
 def spatial_sum(x: jax.Array) -> jax.Array:
   """(B, H, W, C) -> (B, C) float32 sums over H, W: a batched GEMV on CPU, where XLA's
-  reduction over the middle axes is several times slower (see layers._column_sum)."""
+  reduction over the middle axes is several times slower (see layers.channel_sum)."""
   b, c = x.shape[0], x.shape[-1]
   if jax.default_backend() == "cpu":
     ones = jnp.ones((x.shape[1] * x.shape[2],), x.dtype)

@@ -46,18 +46,22 @@ class BatchNorm(nn.Module):
     return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
-def _column_sum(x2: jax.Array) -> jax.Array:
-  """(N, C) -> (C,) float32 sums over N.
+def channel_sum(x: jax.Array) -> jax.Array:
+  """(B, ..., C) -> (C,) float32 sums over every axis but the last.
 
-  On CPU as a matrix-vector product with a ones vector: XLA:CPU runs the column reduction
-  of an NHWC batch (and the reduce-window split its tree-reduction pass adds) several
-  times slower than a GEMV (measured: BN statistics of a 32x56x56x64 batch 84 -> 24 ms).
-  Elsewhere the plain reduction (native on GPU/TPU)."""
+  On CPU, first a matrix-vector product over the batch (ones(B) @ x.reshape(B, -1)), then
+  a sum of the much smaller (..., C) result: XLA:CPU runs the column reduction of an NHWC
+  batch (and the reduce-window split its tree-reduction pass adds) several times slower
+  (BN statistics of a 32x56x56x64 batch: 84 -> 24 ms; this sum alone 18 -> 1.6 ms). The
+  batch-first order also keeps the rounding small (a GEMV over all rows at once is 60x less
+  accurate) and nearly independent of how the batch is split over devices. Elsewhere the
+  plain reduction (native on GPU/TPU)."""
   if jax.default_backend() == "cpu":
-    ones = jnp.ones((x2.shape[0],), x2.dtype)
-    return jnp.dot(ones, x2, precision=jax.lax.Precision.HIGHEST,
-                   preferred_element_type=jnp.float32)
-  return jnp.sum(x2.astype(jnp.float32), axis=0)
+    ones = jnp.ones((x.shape[0],), x.dtype)
+    s = jnp.tensordot(ones, x, axes=(0, 0), precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
+    return jnp.sum(s.reshape(-1, x.shape[-1]), axis=0)
+  return jnp.sum(x.astype(jnp.float32), axis=tuple(range(x.ndim - 1)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -74,10 +78,9 @@ def batch_norm_train(x, scale, bias, epsilon: float):
 def _bn_forward(x, scale, bias, epsilon):
   c = x.shape[-1]
   n = x.size // c
-  x2 = x.reshape(n, c)
-  mean = _column_sum(x2) / n
-  xf = x2.astype(jnp.float32) if x2.dtype != jnp.float32 else x2
-  var = jnp.maximum(_column_sum(xf * xf) / n - mean * mean, 0.0)
+  mean = channel_sum(x) / n
+  xf = x.astype(jnp.float32)
+  var = jnp.maximum(channel_sum(xf * xf) / n - mean * mean, 0.0)
   rstd = jax.lax.rsqrt(var + epsilon)
   mul = scale * rstd
   add = bias - mean * mul
@@ -95,15 +98,14 @@ def _bn_bwd_rule(epsilon, res, g):
   dy = g[0]
   c = x.shape[-1]
   n = x.size // c
-  dy2 = dy.reshape(n, c)
-  sdy = _column_sum(dy2)                                    # sum dy
-  sdyx = _column_sum(dy2.astype(jnp.float32) * x.reshape(n, c).astype(jnp.float32))
+  sdy = channel_sum(dy)                                     # sum dy
+  sdyx = channel_sum(dy.astype(jnp.float32) * x.astype(jnp.float32))
   dscale = (sdyx - mean * sdy) * rstd                       # sum dy * xhat
   k = scale * rstd
   # dx = k (dy - mean(dy) - xhat mean(dy xhat)), xhat = (x - mean) rstd
   a = k * rstd * dscale / n
-  b = k * sdy / n - a * mean
-  dx = dy * k.astype(dy.dtype) - x * a.astype(x.dtype) - b.astype(x.dtype)
+  xc = x.astype(jnp.float32) - mean  # centred first: no cancellation when |mean| >> std
+  dx = dy.astype(jnp.float32) * k - xc * a - k * sdy / n
   return dx.astype(x.dtype), dscale, sdy
 
 
@@ -124,7 +126,7 @@ class PReLU(nn.Module):
 @jax.custom_vjp
 def prelu(x: jax.Array, alpha: jax.Array) -> jax.Array:
   """max(x, 0) + alpha * min(x, 0) per channel (last axis); alpha float32. The slope's
-  gradient is a column sum (a GEMV on CPU, see `_column_sum`), not XLA's reduction."""
+  gradient is a column sum (a GEMV on CPU, see `channel_sum`), not XLA's reduction."""
   return jnp.where(x >= 0, x, x * alpha.astype(x.dtype))
 
 
@@ -136,9 +138,8 @@ def _prelu_bwd(res, g):
   x, alpha = res
   neg = x < 0
   dx = jnp.where(neg, g * alpha.astype(g.dtype), g)
-  c = x.shape[-1]
   gx = jnp.where(neg, g.astype(jnp.float32) * x.astype(jnp.float32), 0.0)
-  return dx, _column_sum(gx.reshape(-1, c))
+  return dx, channel_sum(gx)
 
 
 prelu.defvjp(_prelu_fwd, _prelu_bwd)
