@@ -88,10 +88,6 @@ def _bn_forward(x, scale, bias, epsilon):
   return (y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)), (x, mean, rstd, scale)
 
 
-def _bn_fwd_rule(x, scale, bias, epsilon):
-  return _bn_forward(x, scale, bias, epsilon)
-
-
 def _bn_bwd_rule(epsilon, res, g):
   del epsilon
   x, mean, rstd, scale = res
@@ -109,7 +105,7 @@ def _bn_bwd_rule(epsilon, res, g):
   return dx.astype(x.dtype), dscale, sdy
 
 
-batch_norm_train.defvjp(_bn_fwd_rule, _bn_bwd_rule)
+batch_norm_train.defvjp(_bn_forward, _bn_bwd_rule)
 
 
 class PReLU(nn.Module):
