@@ -52,8 +52,10 @@ def test_bench_jax_only(tmp_path, capsys):
   _check_table(text, res["rows"])
   assert "python -m askd_jax.tools.bench" in text and "jax 0." in text
   assert text.strip() in capsys.readouterr().out
-  res2 = bench.main(TINY + ["--torch=none", "--steps_kind=teacher", f"--out={out}"])
+  res2 = bench.main(TINY + ["--torch=none", "--steps_kind=teacher", "--schedule=blocked",
+                            f"--out={out}"])
   assert out.read_text().count("| model |") == 2  # appended, not overwritten
+  assert "over the blocked timed steps" in res2["markdown"]
   assert [r["step"] for r in res2["rows"]] == ["teacher"]
 
 
@@ -68,11 +70,25 @@ def test_bench_with_torch(tmp_path):
   assert "torch 2." in res["markdown"]
 
 
+@pytest.mark.parametrize("schedule,order", [
+    ("interleaved", ["a", "b", "a", "b", "a", "b"]),  # warm-ups, then rounds of a, b
+    ("blocked", ["a", "a", "a", "b", "b", "b"])])      # a's warm-up and steps, then b's
+def test_schedules_call_order(schedule, order):
+  calls = []
+  runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+  times, cpu = bench.SCHEDULES[schedule](runners, 2)
+  assert calls == order
+  assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
+  assert all(t >= 0 for v in cpu.values() for t in v)
+
+
 def test_bad_flags_are_refused():
   with pytest.raises(SystemExit):
     bench.parse_args(["--torch=tensorflow"])
   with pytest.raises(SystemExit):
     bench.parse_args(["--size=8"])
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--schedule=random"])
 
 
 def test_peak_flops_table():

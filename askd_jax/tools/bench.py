@@ -15,7 +15,8 @@ autocast when --dtype=bfloat16.
 Timing: synthetic batches (no data set); compilation (JAX lower+compile, torch.compile's
 first call) is reported apart; one warm-up step is excluded; then `--steps` rounds in which
 every implementation runs one step in turn (interleaved, so a machine whose load changes
-affects them alike) and the median step time is reported. MFU uses the FLOPs XLA counts
+affects them alike; `--schedule=blocked`: each implementation's steps back to back, as in
+training) and the median step time is reported. MFU uses the FLOPs XLA counts
 for the compiled JAX step (`cost_analysis()`), the same count for every implementation.
 
 Importable without ml_collections and tensorflow_datasets (the GPU machine has neither).
@@ -318,6 +319,27 @@ def time_interleaved(runners: Dict[str, Callable[[], Any]], steps: int):
   return times, cpu
 
 
+def time_blocked(runners: Dict[str, Callable[[], Any]], steps: int):
+  """Each runner in turn: one warm-up call (excluded), then `steps` timed calls in a row.
+
+  Every implementation runs back to back with itself, as it does in training (no step of
+  another framework between two of its steps); same return value as `time_interleaved`.
+  """
+  times = {k: [] for k in runners}
+  cpu = {k: [] for k in runners}
+  for k, run in runners.items():
+    run()
+    for _ in range(steps):
+      t, c = time.perf_counter(), time.process_time()
+      run()
+      times[k].append(time.perf_counter() - t)
+      cpu[k].append(time.process_time() - c)
+  return times, cpu
+
+
+SCHEDULES = {"interleaved": time_interleaved, "blocked": time_blocked}
+
+
 def machine_info() -> Dict[str, str]:
   info = {"host": platform.node(), "python": platform.python_version(),
           "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else "",
@@ -374,7 +396,7 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
       compile_s[(variant, kind)] = ((time.perf_counter() - t, None) if variant == "compile"
                                     else (None, None))
       runners[(variant, kind)] = run
-  times, cpu = time_interleaved(runners, args.steps)
+  times, cpu = SCHEDULES[args.schedule](runners, args.steps)
   kind_dev = jax.devices()[0].device_kind
   peak = peak_flops(kind_dev, args.dtype)
   model = (f"iResNet{args.depth}-CBAM w{args.width:g}" if not args.stage_sizes else
@@ -404,7 +426,7 @@ def _fmt(v) -> str:
 
 
 def markdown(rows: Sequence[Dict[str, Any]], info: Dict[str, str], command: str,
-             memory: Optional[Dict[str, Any]] = None) -> str:
+             memory: Optional[Dict[str, Any]] = None, schedule: str = "interleaved") -> str:
   stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
   lines = [f"### {stamp}: {info['device']}", "", f"`{command}`", "",
            "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items() if v), "",
@@ -413,7 +435,7 @@ def markdown(rows: Sequence[Dict[str, Any]], info: Dict[str, str], command: str,
     cells = [_fmt(r[c]) for c in COLUMNS]
     cells[COLUMNS.index("MFU")] = (f"{100 * r['MFU']:.1f}%" if r["MFU"] is not None else "n/a")
     lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", "step ms: median wall time over the interleaved timed rounds (warm-up "
+  lines += ["", f"step ms: median wall time over the {schedule} timed steps (warm-up "
             "excluded); step cpu ms: median CPU time of the process in a step (all threads; "
             "spinning threads count); JAX speed-up: the "
             "implementation's step time / the JAX step time (> 1: JAX is faster); GFLOP/img: "
@@ -442,6 +464,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--batch", default="32", help="comma-separated batch sizes")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--steps", type=int, default=5, help="timed rounds (after one warm-up step)")
+  p.add_argument("--schedule", default="interleaved", choices=tuple(SCHEDULES),
+                 help="interleaved: rounds of one step of every implementation in turn; "
+                 "blocked: each implementation's steps back to back")
   p.add_argument("--steps_kind", default="teacher,askd", help="teacher and/or askd")
   p.add_argument("--lr_sizes", default="14", help="student LR sizes, one drawn per image")
   p.add_argument("--torch", default="eager",
@@ -472,7 +497,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     rows += bench_batch(args, b)
   memory = memory_report(args, args.memory_batch) if args.memory_batch else None
   command = "python -m askd_jax.tools.bench " + " ".join(argv)
-  text = markdown(rows, machine_info(), command, memory)
+  text = markdown(rows, machine_info(), command, memory, args.schedule)
   print(text)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
