@@ -21,6 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -385,10 +386,8 @@ def test_backbone_starts_from_an_imagenet_classifier(tmp_path):
   model = task.model()
   x = jnp.zeros((1, 64, 64, 3))
   v = jax.jit(lambda k: model.init(k, x, None, train=True))(jax.random.key(0))
-  from askd_jax.train.state import TrainState
-  state = TrainState(step=jnp.int32(0), params=v["params"], batch_stats=v["batch_stats"],
-                          opt_state=(), rng=jnp.zeros((2,), jnp.uint32), bad_steps=jnp.int32(0),
-                          first_bad_step=jnp.int32(-1), bad_terms={})
+  from askd_jax.train.step import init_state
+  state = init_state(v["params"], v["batch_stats"], optax.sgd(0.1), jax.random.key(1))
   from askd_jax.train import sharding as shd
   sh = jax.tree.map(lambda _: shd.replicated(shd.make_mesh()), state)
   new = loop.with_pretrained(state, pre, sh)

@@ -293,12 +293,17 @@ class DetectionTask(Task):
 
   def check_teacher(self, tspec, path):
     super().check_teacher(tspec, path)
+    # the distilled maps must line up (a key the teacher's spec lacks is not checked)
+    self._check_backbone(tspec, f"teacher {path}",
+                         "point student.teacher at a matching checkpoint", missing_ok=True)
+
+  def _check_backbone(self, other, what: str, fix: str, missing_ok: bool = False) -> None:
+    """`other` (a model spec) must have this run's backbone depth, width and stages."""
     mine = self.spec()
-    for k in ("depth", "width", "stage_sizes"):  # the distilled maps must line up
-      if k in tspec and tspec[k] != mine[k]:
-        raise ValueError(f"teacher {path} has {k}={tspec[k]!r} but this run's model.{k} is "
-                         f"{mine[k]!r}; set model.{k} to match or point student.teacher at a "
-                         "matching checkpoint")
+    for k in ("depth", "width", "stage_sizes"):
+      if (k in other or not missing_ok) and other.get(k) != mine[k]:
+        raise ValueError(f"{what} has {k}={other.get(k)!r} but this run's model.{k} is "
+                         f"{mine[k]!r}; set model.{k} to match or {fix}")
 
   def pretrained_variables(self):
     """The backbone of a trained ResNet-CBAM classifier (`model.backbone_init`: a stage
@@ -308,16 +313,11 @@ class DetectionTask(Task):
       return None
     from askd_jax.train.checkpoint import load_model
     variables, spec = load_model(path)
-    mine = self.spec()
     if spec.get("task") != "classification" or spec.get("arch") != "resnet_cbam":
       raise ValueError(f"model.backbone_init={path!r} holds a {spec.get('task')}/"
                        f"{spec.get('arch')} model; give an ImageNet ResNet-CBAM "
                        "(a stage of configs/imagenet.py) or clear model.backbone_init")
-    for k in ("depth", "width", "stage_sizes"):
-      if spec.get(k) != mine[k]:
-        raise ValueError(f"model.backbone_init={path!r} has {k}={spec.get(k)!r} but this run's "
-                         f"model.{k} is {mine[k]!r}; set model.{k} to match or use a matching "
-                         "backbone")
+    self._check_backbone(spec, f"model.backbone_init={path!r}", "use a matching backbone")
     params = {k: v for k, v in variables["params"].items() if k != "fc"}  # the classifier
     return {"params": {"backbone": params},
             "batch_stats": {"backbone": variables.get("batch_stats", {})}}

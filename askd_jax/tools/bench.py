@@ -301,6 +301,14 @@ def _torch_blur_kernel(torch):
 # Timing and report
 
 
+def _timed(run: Callable[[], Any], times: List[float], cpu: List[float]) -> None:
+  """Call `run` once, appending its wall and process CPU seconds."""
+  t, c = time.perf_counter(), time.process_time()
+  run()
+  times.append(time.perf_counter() - t)
+  cpu.append(time.process_time() - c)
+
+
 def time_interleaved(runners: Dict[str, Callable[[], Any]], steps: int):
   """One warm-up call each (excluded), then `steps` rounds of one timed call per runner.
 
@@ -312,10 +320,7 @@ def time_interleaved(runners: Dict[str, Callable[[], Any]], steps: int):
   cpu = {k: [] for k in runners}
   for _ in range(steps):
     for k, run in runners.items():
-      t, c = time.perf_counter(), time.process_time()
-      run()
-      times[k].append(time.perf_counter() - t)
-      cpu[k].append(time.process_time() - c)
+      _timed(run, times[k], cpu[k])
   return times, cpu
 
 
@@ -330,10 +335,7 @@ def time_blocked(runners: Dict[str, Callable[[], Any]], steps: int):
   for k, run in runners.items():
     run()
     for _ in range(steps):
-      t, c = time.perf_counter(), time.process_time()
-      run()
-      times[k].append(time.perf_counter() - t)
-      cpu[k].append(time.process_time() - c)
+      _timed(run, times[k], cpu[k])
   return times, cpu
 
 
