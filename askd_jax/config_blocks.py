@@ -23,6 +23,7 @@ def run(c: ml_collections.ConfigDict, task: str, preset: str, dtype: str = "floa
   c.distributed = False            # jax.distributed.initialize() for multi-host runs
   c.shard_params_min_size = 0      # >0: split leaves this large (a margin weight) over devices
   c.jax_cache_dir = "~/.cache/askd_jax/xla"  # persistent compilation cache ('' to disable)
+  c.tune_cpu = True                # askd_jax.runtime.tune_cpu(): XLA:CPU allocator/dispatch
 
 
 def train(**recipe) -> ml_collections.ConfigDict:

@@ -82,6 +82,9 @@ def setup(cfg) -> None:
   if cfg.get("distributed"):  # arguments from JAX_* env vars, else SLURM/MPI/TPU auto-detection
     from askd_jax.train.sharding import initialize_distributed
     initialize_distributed()
+  if cfg.get("tune_cpu", True):  # before the first computation; see askd_jax/runtime.py
+    from askd_jax.runtime import tune_cpu
+    tune_cpu()
   # orbax and matplotlib are chatty at INFO/WARNING about things that are not the user's problem.
   for name in ("absl", "matplotlib", "orbax", "jax._src.xla_bridge"):
     logging.getLogger(name).setLevel(logging.ERROR)

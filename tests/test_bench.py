@@ -12,7 +12,8 @@ import pytest
 from askd_jax.tools import bench
 
 TINY = ["--width=0.125", "--stage_sizes=1,1,1,1", "--embedding_dim=32", "--classes=10",
-        "--size=28", "--batch=4", "--steps=2", "--lr_sizes=7"]
+        "--size=28", "--batch=4", "--steps=2", "--lr_sizes=7",
+        "--tune_cpu=0"]  # in-process: leave pytest's allocator alone (tests/test_runtime.py)
 
 
 def _check_rows(rows, impls, kinds):
@@ -51,6 +52,7 @@ def test_bench_jax_only(tmp_path, capsys):
   text = out.read_text()
   _check_table(text, res["rows"])
   assert "python -m askd_jax.tools.bench" in text and "jax 0." in text
+  assert "tune_cpu off" in text
   assert text.strip() in capsys.readouterr().out
   res2 = bench.main(TINY + ["--torch=none", "--steps_kind=teacher", "--schedule=blocked",
                             f"--out={out}"])

@@ -39,6 +39,7 @@ import numpy as np
 from askd_jax import distill as distill_lib
 from askd_jax.data import degrade as degrade_lib
 from askd_jax.models import ArcFace, MarginModel, iresnet_cbam
+from askd_jax.runtime import tune_cpu
 from askd_jax.tasks.base import Task
 from askd_jax.train.optim import sgd_torch
 from askd_jax.train.step import compiler_options, init_state, make_train_step
@@ -477,6 +478,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  help="also time the JAX step compiled with XLA's default options")
   p.add_argument("--memory_batch", type=int, default=0,
                  help="also report the compiled A-SKD step's peak bytes at this batch (0: no)")
+  p.add_argument("--tune_cpu", type=int, default=1, choices=(0, 1),
+                 help="1: askd_jax.runtime.tune_cpu() first, as askd_jax.main does (process-"
+                 "wide: the PyTorch steps run under the same allocator settings)")
   p.add_argument("--out", default="", help="markdown file to append the table to")
   args = p.parse_args(argv)
   args.batches = [int(b) for b in args.batch.split(",")]
@@ -492,6 +496,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
+  tuned = tune_cpu() if args.tune_cpu else {}
   if args.torch_variants:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   rows = []
@@ -499,7 +504,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     rows += bench_batch(args, b)
   memory = memory_report(args, args.memory_batch) if args.memory_batch else None
   command = "python -m askd_jax.tools.bench " + " ".join(argv)
-  text = markdown(rows, machine_info(), command, memory, args.schedule)
+  info = machine_info()
+  info["tune_cpu"] = ", ".join(k for k, v in tuned.items() if v) or "off"
+  text = markdown(rows, info, command, memory, args.schedule)
   print(text)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
