@@ -79,12 +79,12 @@ def setup(cfg) -> None:
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  if cfg.get("tune_cpu", True):  # before JAX creates its devices; see askd_jax/runtime.py
+    from askd_jax.runtime import tune_cpu
+    tune_cpu()
   if cfg.get("distributed"):  # arguments from JAX_* env vars, else SLURM/MPI/TPU auto-detection
     from askd_jax.train.sharding import initialize_distributed
     initialize_distributed()
-  if cfg.get("tune_cpu", True):  # before the first computation; see askd_jax/runtime.py
-    from askd_jax.runtime import tune_cpu
-    tune_cpu()
   # orbax and matplotlib are chatty at INFO/WARNING about things that are not the user's problem.
   for name in ("absl", "matplotlib", "orbax", "jax._src.xla_bridge"):
     logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,9 +1,10 @@
-"""Process-wide settings that make XLA:CPU training fast: `tune_cpu()`, called once at start.
+"""Process-wide settings that make XLA:CPU training faster: `tune_cpu()`, called once at start.
 
 Measured on the 2-core development machine (full iResNet50-CBAM, 112 px, float32; see
 docs/benchmarks.md): without them every training step maps its large buffers afresh and
 takes their pages one fault at a time, ~215k minor page faults per step at batch 8 and
-~650k at batch 32, 0.5-6 CPU-seconds of kernel time per step. The causes and the fixes:
+~650k at batch 32, 0.5-2 CPU-seconds of kernel time per step (more on a busy machine).
+The causes and the fixes:
 
 * XLA:CPU allocates a step's buffers with posix_memalign. glibc serves requests above its
   mmap threshold (at most 32 MB) with a fresh mmap and returns them with munmap on free,
@@ -50,8 +51,9 @@ def _mallopt():
 def tune_cpu() -> Dict[str, bool]:
   """Apply the settings above; returns which ones took effect.
 
-  Call it before the first JAX computation: asynchronous dispatch is a property of the
-  CPU client, fixed when JAX creates it. Called later, it leaves dispatch as it is and says
+  Call it before JAX creates its devices (the first computation, `jax.devices()`,
+  `jax.distributed.initialize()`): asynchronous dispatch is a property of the CPU client,
+  fixed when JAX creates it. Called later, it leaves dispatch as it is and says
   so in the log. On a libc other than glibc (macOS, musl) the allocator part is skipped.
   Safe to call more than once.
   """

@@ -343,6 +343,8 @@ def run_train(a) -> None:
   import jax
   import numpy as np
   from askd_jax.train import sharding as shd
+  from askd_jax.runtime import tune_cpu
+  assert tune_cpu()["sync_dispatch"]  # as askd_jax.main runs: first, then distributed
   if a.num_processes > 1:
     shd.initialize_distributed(initialization_timeout=300)
   from askd_jax.train import checkpoint as ckpt_lib

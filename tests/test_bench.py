@@ -21,6 +21,7 @@ def _check_rows(rows, impls, kinds):
   for r in rows:
     assert r["batch"] == 4 and len(r["times"]) == 2
     assert r["step ms"] > 0 and r["img/s"] > 0 and r["JAX speed-up"] > 0
+    assert isinstance(r["faults/step"], int) and r["faults/step"] >= 0
     assert abs(r["img/s"] - 4e3 / r["step ms"]) < 1e-6 * r["img/s"]
     assert r["GFLOP/img"] > 0
     assert r["MFU"] is None  # no peak FLOP/s is known for a CPU
@@ -78,10 +79,20 @@ def test_bench_with_torch(tmp_path):
 def test_schedules_call_order(schedule, order):
   calls = []
   runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-  times, cpu = bench.SCHEDULES[schedule](runners, 2)
+  rec = bench.SCHEDULES[schedule](runners, 2)
   assert calls == order
-  assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
-  assert all(t >= 0 for v in cpu.values() for t in v)
+  for k in ("wall", "cpu", "faults"):
+    assert {name: len(r[k]) for name, r in rec.items()} == {"a": 2, "b": 2}
+    assert all(v >= 0 for r in rec.values() for v in r[k])
+
+
+def test_faults_per_step_are_counted():
+  """A step that touches 64 MB of fresh memory faults its pages in (16k pages of 4 KiB)."""
+  # (bytes, not numpy: numpy asks for transparent huge pages, 2 MiB per fault)
+  rec = bench.SCHEDULES["blocked"]({"touch": lambda: len(b"\x01" * 2 ** 26),
+                                    "idle": lambda: None}, 2)
+  assert min(rec["touch"]["faults"]) > 16384 * 0.9
+  assert max(rec["idle"]["faults"]) < 1000
 
 
 def test_bad_flags_are_refused():

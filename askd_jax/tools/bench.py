@@ -30,6 +30,11 @@ import platform
 import statistics
 import sys
 import time
+
+try:
+  import resource  # Unix: page-fault counts per step
+except ImportError:  # pragma: no cover
+  resource = None
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
@@ -302,27 +307,37 @@ def _torch_blur_kernel(torch):
 # Timing and report
 
 
-def _timed(run: Callable[[], Any], times: List[float], cpu: List[float]) -> None:
-  """Call `run` once, appending its wall and process CPU seconds."""
-  t, c = time.perf_counter(), time.process_time()
+def _minor_faults() -> Optional[int]:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else None
+
+
+def _timed(run: Callable[[], Any], rec: Dict[str, List[float]]) -> None:
+  """Call `run` once, appending its wall and process CPU seconds and minor page faults."""
+  t, c, f = time.perf_counter(), time.process_time(), _minor_faults()
   run()
-  times.append(time.perf_counter() - t)
-  cpu.append(time.process_time() - c)
+  rec["wall"].append(time.perf_counter() - t)
+  rec["cpu"].append(time.process_time() - c)
+  if f is not None:
+    rec["faults"].append(_minor_faults() - f)
+
+
+def _records(runners) -> Dict[str, Dict[str, List[float]]]:
+  return {k: {"wall": [], "cpu": [], "faults": []} for k in runners}
 
 
 def time_interleaved(runners: Dict[str, Callable[[], Any]], steps: int):
   """One warm-up call each (excluded), then `steps` rounds of one timed call per runner.
 
-  Returns ({name: wall seconds per step}, {name: process CPU seconds per step}).
+  Returns {name: {"wall": seconds per step, "cpu": process CPU seconds per step,
+  "faults": minor page faults of the process per step (empty without `resource`)}}.
   """
   for run in runners.values():
     run()
-  times = {k: [] for k in runners}
-  cpu = {k: [] for k in runners}
+  rec = _records(runners)
   for _ in range(steps):
     for k, run in runners.items():
-      _timed(run, times[k], cpu[k])
-  return times, cpu
+      _timed(run, rec[k])
+  return rec
 
 
 def time_blocked(runners: Dict[str, Callable[[], Any]], steps: int):
@@ -331,13 +346,12 @@ def time_blocked(runners: Dict[str, Callable[[], Any]], steps: int):
   Every implementation runs back to back with itself, as it does in training (no step of
   another framework between two of its steps); same return value as `time_interleaved`.
   """
-  times = {k: [] for k in runners}
-  cpu = {k: [] for k in runners}
+  rec = _records(runners)
   for k, run in runners.items():
     run()
     for _ in range(steps):
-      _timed(run, times[k], cpu[k])
-  return times, cpu
+      _timed(run, rec[k])
+  return rec
 
 
 SCHEDULES = {"interleaved": time_interleaved, "blocked": time_blocked}
@@ -374,7 +388,7 @@ def machine_info() -> Dict[str, str]:
 
 
 COLUMNS = ("model", "step", "batch", "impl", "compile s", "compile cpu s", "step ms",
-           "step cpu ms", "img/s",
+           "step cpu ms", "faults/step", "img/s",
            "JAX speed-up", "GFLOP/img", "MFU")
 
 
@@ -399,12 +413,14 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
       compile_s[(variant, kind)] = ((time.perf_counter() - t, None) if variant == "compile"
                                     else (None, None))
       runners[(variant, kind)] = run
-  times, cpu = SCHEDULES[args.schedule](runners, args.steps)
+  rec = SCHEDULES[args.schedule](runners, args.steps)
+  times = {k: r["wall"] for k, r in rec.items()}
   kind_dev = jax.devices()[0].device_kind
   peak = peak_flops(kind_dev, args.dtype)
   model = (f"iResNet{args.depth}-CBAM w{args.width:g}" if not args.stage_sizes else
            f"iResNet-CBAM {args.stage_sizes} w{args.width:g} d{args.embedding_dim}")
   for (impl, kind), ts in times.items():
+    r = rec[(impl, kind)]
     med = statistics.median(ts)
     jax_med = statistics.median(times[("jax", kind)])
     fl = flops[kind] / batch if flops.get(kind) else None
@@ -413,7 +429,8 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
         "model": f"{model} {args.size}px {args.dtype}", "step": kind, "batch": batch,
         "impl": impl if impl.startswith("jax") else f"torch {impl}",
         "compile s": compile_s[(impl, kind)][0], "compile cpu s": compile_s[(impl, kind)][1],
-        "step ms": 1e3 * med, "step cpu ms": 1e3 * statistics.median(cpu[(impl, kind)]),
+        "step ms": 1e3 * med, "step cpu ms": 1e3 * statistics.median(r["cpu"]),
+        "faults/step": int(statistics.median(r["faults"])) if r["faults"] else None,
         "img/s": ips,
         "JAX speed-up": med / jax_med, "GFLOP/img": fl / 1e9 if fl else None,
         "MFU": ips * fl / peak if (fl and peak) else None, "times": ts})
@@ -440,7 +457,8 @@ def markdown(rows: Sequence[Dict[str, Any]], info: Dict[str, str], command: str,
     lines.append("| " + " | ".join(cells) + " |")
   lines += ["", f"step ms: median wall time over the {schedule} timed steps (warm-up "
             "excluded); step cpu ms: median CPU time of the process in a step (all threads; "
-            "spinning threads count); JAX speed-up: the "
+            "spinning threads count); faults/step: median minor page faults of the process in a "
+            "step; JAX speed-up: the "
             "implementation's step time / the JAX step time (> 1: JAX is faster); GFLOP/img: "
             "XLA cost_analysis of the compiled JAX step / batch (the A-SKD step includes the "
             "teacher's forward); compile s: JAX lower+compile (wall; compile cpu s: the process's CPU "

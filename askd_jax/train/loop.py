@@ -306,7 +306,7 @@ def cfg_hash(cfg) -> str:
   import hashlib
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   d = {k: v for k, v in d.items()
-       if k not in ("workdir", "eval", "report", "jax_cache_dir", "distributed")}
+       if k not in ("workdir", "eval", "report", "jax_cache_dir", "distributed", "tune_cpu")}
   # How often to log/checkpoint and what to do on a NaN may change between restarts.
   for k in ("log_every", "checkpoint_every", "keep", "nan_policy", "max_bad_steps"):
     d.get("train", {}).pop(k, None)
