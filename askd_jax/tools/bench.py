@@ -18,6 +18,9 @@ every implementation runs one step in turn (interleaved, so a machine whose load
 affects them alike; `--schedule=blocked`: each implementation's steps back to back, as in
 training) and the median step time is reported. MFU uses the FLOPs XLA counts
 for the compiled JAX step (`cost_analysis()`), the same count for every implementation.
+The process first applies `askd_jax.runtime.tune_cpu()`, as `askd_jax.main` does
+(`--tune_cpu=0` skips it); its allocator settings are process-wide, so the PyTorch steps
+run under them too.
 
 Importable without ml_collections and tensorflow_datasets (the GPU machine has neither).
 """
@@ -30,12 +33,12 @@ import platform
 import statistics
 import sys
 import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 try:
   import resource  # Unix: page-fault counts per step
 except ImportError:  # pragma: no cover
   resource = None
-from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
