@@ -417,15 +417,14 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
                                     else (None, None))
       runners[(variant, kind)] = run
   rec = SCHEDULES[args.schedule](runners, args.steps)
-  times = {k: r["wall"] for k, r in rec.items()}
   kind_dev = jax.devices()[0].device_kind
   peak = peak_flops(kind_dev, args.dtype)
   model = (f"iResNet{args.depth}-CBAM w{args.width:g}" if not args.stage_sizes else
            f"iResNet-CBAM {args.stage_sizes} w{args.width:g} d{args.embedding_dim}")
-  for (impl, kind), ts in times.items():
-    r = rec[(impl, kind)]
+  for (impl, kind), r in rec.items():
+    ts = r["wall"]
     med = statistics.median(ts)
-    jax_med = statistics.median(times[("jax", kind)])
+    jax_med = statistics.median(rec[("jax", kind)]["wall"])
     fl = flops[kind] / batch if flops.get(kind) else None
     ips = batch / med
     rows.append({
