@@ -48,6 +48,7 @@ from askd_jax import distill as distill_lib
 from askd_jax.data import degrade as degrade_lib
 from askd_jax.models import ArcFace, MarginModel, iresnet_cbam
 from askd_jax.runtime import tune_cpu
+from askd_jax.tools import step_profile
 from askd_jax.tasks.base import Task
 from askd_jax.train.optim import sgd_torch
 from askd_jax.train.step import compiler_options, init_state, make_train_step
@@ -163,21 +164,31 @@ def peak_bytes(compiled) -> Optional[int]:
              - m.alias_size_in_bytes)
 
 
-def memory_report(args, batch: int) -> Dict[str, Any]:
+def memory_report(args, batch: int, known: Optional[Dict[int, int]] = None) -> Dict[str, Any]:
   """Peak bytes of the compiled A-SKD step at `batch` and batch // 2 (abstract arguments:
-  nothing is allocated), and the largest batch a linear fit puts under 80 GB."""
-  sizes = {}
+  nothing is allocated), and the largest batch a linear fit puts under 80 GB.
+
+  known: {batch: peak bytes} of steps already compiled with the same options (the timed
+  ones); only the missing batches are compiled. On a GPU those are compiled without
+  autotuning (the buffers are the same; only the convolutions' scratch space can differ).
+  """
+  sizes = dict((known or {}).items())
   fns = jax_step_fns(argparse.Namespace(**{**vars(args), "steps_kind": "askd"}), 1)["askd"]
   state, tvars, _ = fns["args"]
+  opts = dict(compiler_options())
+  if jax.default_backend() == "gpu":
+    opts["xla_gpu_autotune_level"] = 0
   for b in (batch // 2, batch):
+    if sizes.get(b) is not None:
+      continue
     abstract_batch = {"image": jax.ShapeDtypeStruct((b, args.size, args.size, 3), jnp.uint8),
                       "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-    compiled = jax.jit(fns["fn"], donate_argnums=(0,),
-                       compiler_options=compiler_options() or None).lower(
+    compiled = jax.jit(fns["fn"], donate_argnums=(0,), compiler_options=opts or None).lower(
         _abstract(state), _abstract(tvars), abstract_batch).compile()
     sizes[b] = peak_bytes(compiled)
+    _progress(f"memory: A-SKD step at batch {b}: {sizes[b]} bytes")
   return {"batch": batch, "peak_bytes": sizes[batch], "peak_bytes_half": sizes[batch // 2],
-          **fit_max_batch(sizes)}
+          **fit_max_batch({b: sizes[b] for b in (batch // 2, batch)})}
 
 
 def fit_max_batch(sizes: Dict[int, Optional[int]], budget: float = 80e9) -> Dict[str, Any]:
@@ -216,6 +227,8 @@ def torch_runners(args, batch: int, variant: str) -> Dict[str, Callable[[], Any]
   from askd_jax.tools import torch_reference as tr  # pylint: disable=g-import-not-at-top
 
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  if dev.type == "cuda":  # as JAX autotunes its convolutions when it compiles the step
+    torch.backends.cudnn.benchmark = True
   amp = args.dtype == "bfloat16" and dev.type == "cuda"
   fmt = torch.channels_last if variant in ("channels_last", "compile") else torch.contiguous_format
   sizes = [int(s) for s in args.lr_sizes.split(",")]
@@ -395,8 +408,12 @@ COLUMNS = ("model", "step", "batch", "impl", "compile s", "compile cpu s", "step
            "JAX speed-up", "GFLOP/img", "MFU")
 
 
-def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
-  """Rows (one per step kind and implementation) for one batch size."""
+def bench_batch(args, batch: int, profiles: Optional[Dict[str, Any]] = None
+                ) -> List[Dict[str, Any]]:
+  """Rows (one per step kind and implementation) for one batch size.
+
+  profiles: with `--profile`, filled with {"<impl> <step> b<batch>": step_profile summary}.
+  """
   rows = []
   jfns = jax_step_fns(args, batch)
   runners, compile_s, flops = {}, {}, {}
@@ -408,6 +425,11 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
       compiled, wall, cpu = compile_step(spec["fn"], args_k, tuned=impl == "jax")
       compile_s[(impl, kind)] = (wall, cpu)
       flops.setdefault(kind, cost_flops(compiled))
+      if impl == "jax" and kind == "askd":
+        args.peaks[batch] = peak_bytes(compiled)
+      _progress(f"{impl} {kind} b{batch}: compiled in {wall:.1f} s"
+                + (f", peak {args.peaks[batch] / 1e9:.2f} GB"
+                   if impl == "jax" and kind == "askd" and args.peaks[batch] else ""))
       runners[(impl, kind)] = jax_runner(compiled, args_k)
   for variant in args.torch_variants:
     for kind, run in torch_runners(args, batch, variant).items():
@@ -415,6 +437,7 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
       run()  # torch.compile compiles here; eager: a first step (allocator warm-up)
       compile_s[(variant, kind)] = ((time.perf_counter() - t, None) if variant == "compile"
                                     else (None, None))
+      _progress(f"torch {variant} {kind} b{batch}: first step {time.perf_counter() - t:.1f} s")
       runners[(variant, kind)] = run
   rec = SCHEDULES[args.schedule](runners, args.steps)
   kind_dev = jax.devices()[0].device_kind
@@ -436,7 +459,28 @@ def bench_batch(args, batch: int) -> List[Dict[str, Any]]:
         "img/s": ips,
         "JAX speed-up": med / jax_med, "GFLOP/img": fl / 1e9 if fl else None,
         "MFU": ips * fl / peak if (fl and peak) else None, "times": ts})
+    _progress(f"{rows[-1]['impl']} {kind} b{batch}: {1e3 * med:.1f} ms/step, {ips:.1f} img/s, "
+              f"JAX speed-up {med / jax_med:.2f}")
+  if args.profile and profiles is not None:
+    for (impl, kind), run in runners.items():
+      key = f"{impl if impl.startswith('jax') else 'torch ' + impl} {kind} b{batch}"
+      try:
+        if impl.startswith("jax"):
+          logdir = os.path.join(args.profile, key.replace(" ", "_"))
+          profiles[key] = step_profile.profile_jax(run, logdir, args.profile_steps)
+        else:
+          profiles[key] = step_profile.profile_torch(run, args.profile_steps)
+        cats = ", ".join(f"{c} {v:.1f}" for c, v in profiles[key]["categories"].items())
+        _progress(f"profile {key}: {profiles[key]['total_ms']:.1f} ms/step ({cats})")
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"bench: profiling {key} failed ({type(e).__name__}: {e}); the timings stand",
+              file=sys.stderr)
   return rows
+
+
+def _progress(msg: str) -> None:
+  """One line on stderr as each result comes (a run cut short keeps what it measured)."""
+  print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
 def _fmt(v) -> str:
@@ -501,9 +545,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--tune_cpu", type=int, default=1, choices=(0, 1),
                  help="1: askd_jax.runtime.tune_cpu() first, as askd_jax.main does (process-"
                  "wide: the PyTorch steps run under the same allocator settings)")
+  p.add_argument("--profile", default="",
+                 help="folder: after timing, profile --profile_steps steps of every "
+                 "implementation (jax.profiler traces land here) and add the device time by "
+                 "kind of op to the output")
+  p.add_argument("--profile_steps", type=int, default=3)
   p.add_argument("--out", default="", help="markdown file to append the table to")
   args = p.parse_args(argv)
   args.batches = [int(b) for b in args.batch.split(",")]
+  args.peaks = {}  # batch -> peak bytes of the timed (compiled) A-SKD step
   args.torch_variants = [] if args.torch in ("", "none") else args.torch.split(",")
   for v in args.torch_variants:
     if v not in TORCH_VARIANTS:
@@ -519,20 +569,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   tuned = tune_cpu() if args.tune_cpu else {}
   if args.torch_variants:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  rows = []
+  rows, profiles = [], {}
   for b in args.batches:
-    rows += bench_batch(args, b)
-  memory = memory_report(args, args.memory_batch) if args.memory_batch else None
+    rows += bench_batch(args, b, profiles)
+  memory = (memory_report(args, args.memory_batch, args.peaks) if args.memory_batch
+            else None)
   command = "python -m askd_jax.tools.bench " + " ".join(argv)
   info = machine_info()
   info["tune_cpu"] = ", ".join(k for k, v in tuned.items() if v) or "off"
   text = markdown(rows, info, command, memory, args.schedule)
+  if profiles:
+    text += "\n" + step_profile.markdown(profiles, info["device"])
   print(text)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "a") as f:
       f.write("\n" + text)
-  return {"rows": rows, "memory": memory, "markdown": text}
+  return {"rows": rows, "memory": memory, "markdown": text, "profiles": profiles}
 
 
 if __name__ == "__main__":

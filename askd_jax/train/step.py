@@ -50,7 +50,7 @@ def make_train_step(*, task, model, tx: optax.GradientTransformation,
       return loss, (new_stats, terms)
 
     (loss, (new_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
