@@ -37,7 +37,7 @@ def test_categorize(name, cat):
 
 
 def test_summarize_per_step():
-  ev = [("fusion.1", 1000.0), ("fusion.2", 3000.0), ("convolution.3", 4000.0),
+  ev = [("fusion.1", 1000.0), ("fusion_2", 3000.0), ("convolution.3", 4000.0),
         ("aten::add", 500.0, 5)]
   s = step_profile.summarize(ev, steps=2, top=2)
   assert s["total_ms"] == pytest.approx(4.25)
@@ -123,3 +123,5 @@ def test_bench_profile_and_known_peaks(tmp_path):
   args = bench.parse_args(tiny)
   fake = bench.memory_report(args, 4, known={4: 10 ** 12})
   assert fake["peak_bytes"] == 10 ** 12 and fake["peak_bytes_half"] == mem["peak_bytes_half"]
+  # Compiled from shapes alone (eval_shape of init), the plan is the timed step's.
+  assert bench.memory_report(args, 4)["peak_bytes"] == mem["peak_bytes"]

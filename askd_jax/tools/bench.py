@@ -105,34 +105,36 @@ def _jax_init(model, args, seed: int):
   return init(jax.random.key(seed))
 
 
+def _step_fn(args, kind: str, model, tx):
+  """The project's train step for `kind` ('teacher' or 'askd'), as the train loop builds it."""
+  task = BenchTask(cfg=None)
+  if kind == "teacher":
+    return make_train_step(task=task, model=model, tx=tx)
+  if kind == "askd":
+    sizes = tuple(int(s) for s in args.lr_sizes.split(","))
+    return make_train_step(task=task, model=model, tx=tx, teacher_model=model,
+                           distill_fn=distill_lib.get("askd"), distill_cfg={"weight": 5.0},
+                           degrade_fn=degrade_lib.make_degrade({"sizes": sizes}))
+  raise ValueError(f"--steps_kind has {kind!r}; use teacher and/or askd")
+
+
+def _dtype(args):
+  return jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+
+
 def jax_step_fns(args, batch: int) -> Dict[str, Dict[str, Any]]:
   """{'teacher'|'askd': {'fn': jittable step, 'args': (state, teacher_vars, batch)}}."""
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  task = BenchTask(cfg=None)
-  model = _jax_models(args, dtype)
+  model = _jax_models(args, _dtype(args))
   tx = sgd_torch(LR, MOMENTUM, WD)
-  sizes = tuple(int(s) for s in args.lr_sizes.split(","))
   out = {}
   data = _batch(args, batch)
   for kind in args.steps_kind.split(","):
+    fn = _step_fn(args, kind, model, tx)
     variables = _jax_init(model, args, seed=1)
     state = init_state(variables["params"], variables["batch_stats"], tx, jax.random.key(0))
-    if kind == "teacher":
-      fn = make_train_step(task=task, model=model, tx=tx)
-      tvars = None
-    elif kind == "askd":
-      tvars = _jax_init(model, args, seed=2)
-      fn = make_train_step(task=task, model=model, tx=tx, teacher_model=model,
-                           distill_fn=distill_lib.get("askd"), distill_cfg={"weight": 5.0},
-                           degrade_fn=degrade_lib.make_degrade({"sizes": sizes}))
-    else:
-      raise ValueError(f"--steps_kind has {kind!r}; use teacher and/or askd")
+    tvars = _jax_init(model, args, seed=2) if kind == "askd" else None
     out[kind] = {"fn": fn, "args": (state, tvars, jax.device_put(data))}
   return out
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
 def compile_step(fn, args, tuned: bool = True):
@@ -173,8 +175,16 @@ def memory_report(args, batch: int, known: Optional[Dict[int, int]] = None) -> D
   autotuning (the buffers are the same; only the convolutions' scratch space can differ).
   """
   sizes = dict((known or {}).items())
-  fns = jax_step_fns(argparse.Namespace(**{**vars(args), "steps_kind": "askd"}), 1)["askd"]
-  state, tvars, _ = fns["args"]
+  model = _jax_models(args, _dtype(args))
+  tx = sgd_torch(LR, MOMENTUM, WD)
+  fn = _step_fn(args, "askd", model, tx)
+  x = jnp.zeros((1, args.size, args.size, 3), jnp.float32)
+  y = jnp.zeros((1,), jnp.int32)
+  # Shapes only (nothing is initialised or allocated): eval_shape of init and init_state.
+  tvars = jax.eval_shape(lambda k: model.init({"params": k, "dropout": k}, x, y, train=False),
+                         jax.random.key(2))
+  state = jax.eval_shape(lambda v, k: init_state(v["params"], v["batch_stats"], tx, k),
+                         tvars, jax.random.key(0))
   opts = dict(compiler_options())
   if jax.default_backend() == "gpu":
     opts["xla_gpu_autotune_level"] = 0
@@ -183,8 +193,8 @@ def memory_report(args, batch: int, known: Optional[Dict[int, int]] = None) -> D
       continue
     abstract_batch = {"image": jax.ShapeDtypeStruct((b, args.size, args.size, 3), jnp.uint8),
                       "label": jax.ShapeDtypeStruct((b,), jnp.int32)}
-    compiled = jax.jit(fns["fn"], donate_argnums=(0,), compiler_options=opts or None).lower(
-        _abstract(state), _abstract(tvars), abstract_batch).compile()
+    compiled = jax.jit(fn, donate_argnums=(0,), compiler_options=opts or None).lower(
+        state, tvars, abstract_batch).compile()
     sizes[b] = peak_bytes(compiled)
     _progress(f"memory: A-SKD step at batch {b}: {sizes[b]} bytes")
   return {"batch": batch, "peak_bytes": sizes[batch], "peak_bytes_half": sizes[batch // 2],

@@ -49,8 +49,9 @@ def categorize(name: str) -> str:
 
 
 def _strip_suffix(name: str) -> str:
-  """`loop_multiply_fusion.12` -> `loop_multiply_fusion` (XLA numbers its instructions)."""
-  return re.sub(r"(\.\d+)+$", "", name)
+  """`loop_multiply_fusion.12` (XLA:CPU) or `_12` (XLA:GPU kernels) -> `loop_multiply_fusion`:
+  XLA numbers its instructions."""
+  return re.sub(r"([._]\d+)+$", "", name)
 
 
 def summarize(events: Sequence[Tuple], steps: int, top: int = 15) -> Dict[str, Any]:
