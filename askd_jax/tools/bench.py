@@ -435,11 +435,11 @@ def bench_batch(args, batch: int, profiles: Optional[Dict[str, Any]] = None
       compiled, wall, cpu = compile_step(spec["fn"], args_k, tuned=impl == "jax")
       compile_s[(impl, kind)] = (wall, cpu)
       flops.setdefault(kind, cost_flops(compiled))
-      if impl == "jax" and kind == "askd":
-        args.peaks[batch] = peak_bytes(compiled)
+      mem = peak_bytes(compiled) if impl == "jax" and kind == "askd" else None
+      if mem is not None and hasattr(args, "peaks"):
+        args.peaks[batch] = mem  # the memory report reuses it
       _progress(f"{impl} {kind} b{batch}: compiled in {wall:.1f} s"
-                + (f", peak {args.peaks[batch] / 1e9:.2f} GB"
-                   if impl == "jax" and kind == "askd" and args.peaks[batch] else ""))
+                + (f", peak {mem / 1e9:.2f} GB" if mem else ""))
       runners[(impl, kind)] = jax_runner(compiled, args_k)
   for variant in args.torch_variants:
     for kind, run in torch_runners(args, batch, variant).items():
