@@ -99,8 +99,8 @@ def jax_trace_events(path: str) -> Tuple[List[Tuple[str, float]], Dict[str, floa
   spans = [e for e in evs if e.get("ph") == "X" and "dur" in e]
   lines: Dict[str, float] = collections.Counter()
   for e in spans:
-    lines[f"{pname.get(e['pid'], e['pid'])} / {tname.get((e['pid'], e.get('tid')), e.get('tid'))}"] \
-        += e["dur"] / 1e3
+    pid, tid = e["pid"], e.get("tid")
+    lines[f"{pname.get(pid, pid)} / {tname.get((pid, tid), tid)}"] += e["dur"] / 1e3
   device = {p for p, n in pname.items() if "/device:" in n and "CPU" not in n}
   if device:
     # The kernels are on the streams; XLA's derived op/module lines would count them twice.
