@@ -98,11 +98,15 @@ def _batch(args, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
           "label": rng.integers(0, args.classes, (batch,), dtype=np.int32)}
 
 
-def _jax_init(model, args, seed: int):
+def _init_fn(model, args):
+  """key -> the model's variables (one 1-image dummy batch)."""
   x = jnp.zeros((1, args.size, args.size, 3), jnp.float32)
   y = jnp.zeros((1,), jnp.int32)
-  init = jax.jit(lambda k: model.init({"params": k, "dropout": k}, x, y, train=False))
-  return init(jax.random.key(seed))
+  return lambda k: model.init({"params": k, "dropout": k}, x, y, train=False)
+
+
+def _jax_init(model, args, seed: int):
+  return jax.jit(_init_fn(model, args))(jax.random.key(seed))
 
 
 def _step_fn(args, kind: str, model, tx):
@@ -178,11 +182,8 @@ def memory_report(args, batch: int, known: Optional[Dict[int, int]] = None) -> D
   model = _jax_models(args, _dtype(args))
   tx = sgd_torch(LR, MOMENTUM, WD)
   fn = _step_fn(args, "askd", model, tx)
-  x = jnp.zeros((1, args.size, args.size, 3), jnp.float32)
-  y = jnp.zeros((1,), jnp.int32)
   # Shapes only (nothing is initialised or allocated): eval_shape of init and init_state.
-  tvars = jax.eval_shape(lambda k: model.init({"params": k, "dropout": k}, x, y, train=False),
-                         jax.random.key(2))
+  tvars = jax.eval_shape(_init_fn(model, args), jax.random.key(2))
   state = jax.eval_shape(lambda v, k: init_state(v["params"], v["batch_stats"], tx, k),
                          tvars, jax.random.key(0))
   opts = dict(compiler_options())
@@ -418,11 +419,13 @@ COLUMNS = ("model", "step", "batch", "impl", "compile s", "compile cpu s", "step
            "JAX speed-up", "GFLOP/img", "MFU")
 
 
-def bench_batch(args, batch: int, profiles: Optional[Dict[str, Any]] = None
-                ) -> List[Dict[str, Any]]:
+def bench_batch(args, batch: int, profiles: Optional[Dict[str, Any]] = None,
+                peaks: Optional[Dict[int, int]] = None) -> List[Dict[str, Any]]:
   """Rows (one per step kind and implementation) for one batch size.
 
   profiles: with `--profile`, filled with {"<impl> <step> b<batch>": step_profile summary}.
+  peaks: if given, filled with {batch: peak bytes} of the compiled A-SKD step (for
+  `memory_report`'s `known`).
   """
   rows = []
   jfns = jax_step_fns(args, batch)
@@ -436,8 +439,8 @@ def bench_batch(args, batch: int, profiles: Optional[Dict[str, Any]] = None
       compile_s[(impl, kind)] = (wall, cpu)
       flops.setdefault(kind, cost_flops(compiled))
       mem = peak_bytes(compiled) if impl == "jax" and kind == "askd" else None
-      if mem is not None and hasattr(args, "peaks"):
-        args.peaks[batch] = mem  # the memory report reuses it
+      if mem is not None and peaks is not None:
+        peaks[batch] = mem
       _progress(f"{impl} {kind} b{batch}: compiled in {wall:.1f} s"
                 + (f", peak {mem / 1e9:.2f} GB" if mem else ""))
       runners[(impl, kind)] = jax_runner(compiled, args_k)
@@ -445,9 +448,9 @@ def bench_batch(args, batch: int, profiles: Optional[Dict[str, Any]] = None
     for kind, run in torch_runners(args, batch, variant).items():
       t = time.perf_counter()
       run()  # torch.compile compiles here; eager: a first step (allocator warm-up)
-      compile_s[(variant, kind)] = ((time.perf_counter() - t, None) if variant == "compile"
-                                    else (None, None))
-      _progress(f"torch {variant} {kind} b{batch}: first step {time.perf_counter() - t:.1f} s")
+      first = time.perf_counter() - t
+      compile_s[(variant, kind)] = (first, None) if variant == "compile" else (None, None)
+      _progress(f"torch {variant} {kind} b{batch}: first step {first:.1f} s")
       runners[(variant, kind)] = run
   rec = SCHEDULES[args.schedule](runners, args.steps)
   kind_dev = jax.devices()[0].device_kind
@@ -483,8 +486,7 @@ def bench_batch(args, batch: int, profiles: Optional[Dict[str, Any]] = None
         cats = ", ".join(f"{c} {v:.1f}" for c, v in profiles[key]["categories"].items())
         _progress(f"profile {key}: {profiles[key]['total_ms']:.1f} ms/step ({cats})")
       except Exception as e:  # pylint: disable=broad-except
-        print(f"bench: profiling {key} failed ({type(e).__name__}: {e}); the timings stand",
-              file=sys.stderr)
+        _progress(f"profiling {key} failed ({type(e).__name__}: {e}); the timings stand")
   return rows
 
 
@@ -563,7 +565,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--out", default="", help="markdown file to append the table to")
   args = p.parse_args(argv)
   args.batches = [int(b) for b in args.batch.split(",")]
-  args.peaks = {}  # batch -> peak bytes of the timed (compiled) A-SKD step
   args.torch_variants = [] if args.torch in ("", "none") else args.torch.split(",")
   for v in args.torch_variants:
     if v not in TORCH_VARIANTS:
@@ -579,11 +580,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   tuned = tune_cpu() if args.tune_cpu else {}
   if args.torch_variants:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  rows, profiles = [], {}
+  rows, profiles, peaks = [], {}, {}
   for b in args.batches:
-    rows += bench_batch(args, b, profiles)
-  memory = (memory_report(args, args.memory_batch, args.peaks) if args.memory_batch
-            else None)
+    rows += bench_batch(args, b, profiles, peaks)
+  memory = memory_report(args, args.memory_batch, peaks) if args.memory_batch else None
   command = "python -m askd_jax.tools.bench " + " ".join(argv)
   info = machine_info()
   info["tune_cpu"] = ", ".join(k for k, v in tuned.items() if v) or "off"
