@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from askd_jax.models.cbam import CBAM
 from askd_jax.models.features import Features
-from askd_jax.models.layers import BatchNorm
+from askd_jax.models.layers import BatchNorm, conv_general_dilated
 
 Dtype = Any
 
@@ -36,7 +36,8 @@ def conv_kaiming(features: int, kernel: int, stride: int = 1, *, dtype: Dtype,
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=kaiming_fan_out, name=name)
+                 param_dtype=jnp.float32, kernel_init=kaiming_fan_out,
+                 conv_general_dilated=conv_general_dilated, name=name)
 
 
 class BasicBlockCBAM(nn.Module):
