@@ -190,12 +190,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
 
 def _is_nhwc(dimension_numbers, ndim: int) -> bool:
-  want = jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, _NHWC)
-  if dimension_numbers is None:
-    return False
-  if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
-    return dimension_numbers == want
-  return jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dimension_numbers) == want
+  """Whether `dimension_numbers` (specs or ConvDimensionNumbers; None is NCHW) say NHWC."""
+  as_numbers = lambda dn: jax.lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dn)
+  return dimension_numbers is not None and as_numbers(dimension_numbers) == as_numbers(_NHWC)
 
 
 def _conv_s2_forward(x, w, precision):
@@ -215,8 +212,9 @@ def _conv_s2_fwd(x, w, precision):
 
 def _conv_s2_bwd(precision, res, g):
   x, w = res
-  _, kernel_vjp = jax.vjp(lambda w_: _conv_s2_forward(x, w_, precision), w)
-  return subpixel_input_grad(g, w, x.shape, precision), kernel_vjp(g)[0]
+  # The conv is linear in w: its transpose is the kernel gradient, no forward re-evaluated.
+  kernel_grad = jax.linear_transpose(lambda w_: _conv_s2_forward(x, w_, precision), w)
+  return subpixel_input_grad(g, w, x.shape, precision), kernel_grad(g)[0]
 
 
 def subpixel_input_grad(g, w, x_shape, precision=None):
