@@ -54,18 +54,106 @@ def test_stride2_conv_subpixel_gradient_matches_xla(kernel, size):
   assert dilated(ours) == []
 
 
-@pytest.mark.parametrize("kernel,size,stride", [(3, 14, 2), (3, 26, 2), (3, 31, 2),
-                                                (1, 15, 2), (3, 28, 1)])
-def test_other_convs_are_xla_own(kernel, size, stride):
-  """Below the size threshold, odd sizes and stride 1: XLA's convolution and autodiff."""
-  x = jnp.ones((1, size, size, 4))
-  w = jnp.ones((kernel, kernel, 4, 5))
+@pytest.mark.parametrize("kernel,size,stride,cin", [(3, 14, 2, 4), (3, 26, 2, 4), (3, 31, 2, 4),
+                                                    (1, 15, 2, 4), (3, 28, 1, 4), (3, 9, 1, 3),
+                                                    (7, 12, 1, 2), (1, 6, 1, 4)])
+def test_every_nhwc_conv_has_xla_values_and_gradients(kernel, size, stride, cin):
+  """Stride 1 and 2, odd sizes, the stem's 3 channels, CBAM's 7x7 spatial conv: the CPU
+  backward (kernel gradient from materialised transposes, XLA's input gradient where it
+  is not sub-pixel) gives XLA's numbers."""
+  kx, kw, kt = jax.random.split(jax.random.key(2), 3)
+  x = jax.random.normal(kx, (3, size, size, cin))
+  w = jax.random.normal(kw, (kernel, kernel, cin, 5)) * 0.3
   ours = _loss(layers.conv_general_dilated, stride, kernel)
   xla = _loss(jax.lax.conv_general_dilated, stride, kernel)
-  t = jnp.ones(jax.eval_shape(lambda: jax.lax.conv_general_dilated(
-      x, w, (stride, stride), [(kernel // 2, kernel // 2)] * 2,
-      dimension_numbers=NHWC)).shape)
-  assert str(jax.make_jaxpr(jax.grad(ours))(x, w, t)) == str(jax.make_jaxpr(jax.grad(xla))(x, w, t))
+  t = jax.random.normal(kt, jax.eval_shape(lambda: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), [(kernel // 2, kernel // 2)] * 2, dimension_numbers=NHWC)).shape)
+  np.testing.assert_allclose(ours(x, w, t), xla(x, w, t), rtol=1e-6)
+  for a, b in zip(jax.jit(jax.grad(ours, (0, 1)))(x, w, t), jax.jit(jax.grad(xla, (0, 1)))(x, w, t)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_bfloat16_conv_gradients_keep_their_dtype_and_values():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 8)).astype(jnp.bfloat16)
+  w = (jax.random.normal(jax.random.key(1), (3, 3, 8, 8)) * 0.2).astype(jnp.bfloat16)
+  ours, xla = _loss(layers.conv_general_dilated, 1, 3), _loss(jax.lax.conv_general_dilated, 1, 3)
+  t = jnp.ones((2, 16, 16, 8), jnp.bfloat16)
+  for a, b in zip(jax.grad(ours, (0, 1))(x, w, t), jax.grad(xla, (0, 1))(x, w, t)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(b))))
+
+
+def test_other_convs_are_xla_own():
+  """NCHW, string padding, groups: XLA's convolution and autodiff, untouched."""
+  x = jnp.ones((1, 4, 10, 10))
+  w = jnp.ones((5, 4, 3, 3))
+  for kw in [dict(padding=[(1, 1)] * 2, dimension_numbers=("NCHW", "OIHW", "NCHW")),
+             dict(padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))]:
+    f = lambda fn: lambda x, w: jnp.sum(fn(x, w, (1, 1), **kw) ** 2)
+    assert (str(jax.make_jaxpr(jax.grad(f(layers.conv_general_dilated), (0, 1)))(x, w))
+            == str(jax.make_jaxpr(jax.grad(f(jax.lax.conv_general_dilated), (0, 1)))(x, w)))
+  xg, wg = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 2, 6))
+  g = lambda fn: lambda x, w: jnp.sum(fn(x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=NHWC,
+                                         feature_group_count=2) ** 2)
+  assert (str(jax.make_jaxpr(jax.grad(g(layers.conv_general_dilated)))(xg, wg))
+          == str(jax.make_jaxpr(jax.grad(g(jax.lax.conv_general_dilated)))(xg, wg)))
+
+
+def _fusions_transposing_arithmetic(hlo: str) -> list[str]:
+  """Names of the fused computations that change a layout and do arithmetic besides."""
+  out = []
+  for comp in hlo.split("\n}"):
+    lines = comp.strip().splitlines()
+    if not lines or not lines[0].startswith("%fused") and not lines[0].startswith("%wrapped"):
+      continue
+    ops = " ".join(lines[1:])
+    if " transpose(" in ops and any(f" {op}(" in ops for op in ("multiply", "add", "subtract")):
+      out.append(lines[0].split()[0])
+  return out
+
+
+def test_kernel_gradient_transposes_materialised_arrays(monkeypatch):
+  """The layout changes of the kernel gradient copy arrays that exist: XLA:CPU does not
+  fuse the BN in front of the convolution into them (which makes the copy ~3.5x slower)."""
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 8))
+  s, b = jnp.full((8,), 1.5), jnp.full((8,), 0.1)
+  w = jax.random.normal(jax.random.key(1), (3, 3, 8, 8))
+
+  def grad_hlo():
+    f = lambda w, x: jnp.sum(jnp.sin(layers.conv_general_dilated(
+        x * s + b, w, (1, 1), [(1, 1)] * 2, dimension_numbers=NHWC)))
+    return jax.jit(jax.grad(f)).lower(w, x).compile().as_text()
+  assert _fusions_transposing_arithmetic(grad_hlo()) == []
+  # Without the fusion region XLA fuses the multiply-add into the transpose: the check
+  # above can fail.
+  monkeypatch.setattr(layers, "fusion_region", lambda fn, *args, probe=None: fn(*args))
+  assert _fusions_transposing_arithmetic(grad_hlo()) != []
+
+
+def test_fusion_region_is_fn_whatever_the_probe():
+  f = lambda a, b: (a * 2.0 + b, jnp.sum(b))
+  a, b = jnp.arange(6.0).reshape(2, 3), jnp.ones((3,))
+  for a_ in (a, a.at[0, 0].set(jnp.nan)):  # a NaN first element takes the other branch
+    got, want = layers.fusion_region(f, a_, b), f(a_, b)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+  assert "cond" in str(jax.make_jaxpr(lambda a, b: layers.fusion_region(f, a, b))(a, b))
+
+
+@pytest.mark.parametrize("shape", [(32, 14, 14, 8), (37, 16), (6, 5, 3), (64, 4, 4, 4, 3),
+                                   (1, 2, 2, 5)])
+def test_channel_sums_are_accurate_sums(shape):
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+  y = rng.standard_normal(shape).astype(np.float32)
+  sx, sxy = jax.jit(lambda x, y: layers.channel_sums(x, x * y))(x, y)
+  assert sx.shape == sxy.shape == (shape[-1],) and sx.dtype == jnp.float32
+  for got, ref in [(sx, x.astype(np.float64)), (sxy, x.astype(np.float64) * y)]:
+    ref = ref.reshape(-1, shape[-1]).sum(0)
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0,
+                               atol=1e-6 * np.abs(ref).max())
+  np.testing.assert_allclose(layers.channel_sum(x), sx, rtol=1e-6)
 
 
 def test_conv_layer_uses_it_and_keeps_its_params():
