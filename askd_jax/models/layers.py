@@ -286,9 +286,9 @@ def fusion_region(fn, *args, probe=None):
   Elsewhere simply fn(*args)."""
   if jax.default_backend() != "cpu":
     return fn(*args)
-  first = jax.tree.leaves(args)[0] if probe is None else probe
-  first = jax.lax.slice(first.reshape(-1), (0,), (1,))[0]
-  return jax.lax.cond(first == first, fn, fn, *args)
+  source = jax.tree.leaves(args)[0] if probe is None else probe
+  p = jax.lax.slice(source.reshape(-1), (0,), (1,))[0]
+  return jax.lax.cond(p == p, fn, fn, *args)
 
 
 def subpixel_input_grad(g, w, x_shape, precision=None):
