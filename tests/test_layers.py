@@ -131,6 +131,30 @@ def test_kernel_gradient_transposes_materialised_arrays(monkeypatch):
   assert _fusions_transposing_arithmetic(grad_hlo()) != []
 
 
+def test_kernel_gradient_reaches_the_optimizer_in_its_layout(monkeypatch):
+  """The kernel gradient leaves `kernel_grad` materialised in the kernel's layout: the
+  optimizer's updates (several consumers, as in the train step) read it as it is instead
+  of each fusing the layout change of the convolution's result into its arithmetic."""
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 8))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
+  m = jnp.zeros_like(w)
+
+  def update_hlo():
+    def sgd(w, m, x):
+      dw = jax.grad(lambda w: jnp.sum(jnp.sin(layers.conv_general_dilated(
+          x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=NHWC))))(w)
+      m_new = 0.9 * m + dw + 5e-4 * w
+      return w - 0.1 * (dw + 5e-4 * w + 0.9 * m_new), m_new, jnp.sum(dw * dw)
+    return jax.jit(sgd).lower(w, m, x).compile().as_text()
+  assert _fusions_transposing_arithmetic(update_hlo()) == []
+  real = layers.fusion_region
+  # Only the result's region replaced by a plain call: the updates transpose it again.
+  monkeypatch.setattr(layers, "fusion_region", lambda fn, *args, probe=None: (
+      fn(*args) if args[0].shape[0] == w.shape[2] and args[0].ndim == 4
+      and args[0].shape[1:3] == w.shape[:2] else real(fn, *args, probe=probe)))
+  assert _fusions_transposing_arithmetic(update_hlo()) != []
+
+
 def test_fusion_region_is_fn_whatever_the_probe():
   f = lambda a, b: (a * 2.0 + b, jnp.sum(b))
   a, b = jnp.arange(6.0).reshape(2, 3), jnp.ones((3,))
@@ -154,6 +178,33 @@ def test_channel_sums_are_accurate_sums(shape):
     np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=0,
                                atol=1e-6 * np.abs(ref).max())
   np.testing.assert_allclose(layers.channel_sum(x), sx, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 64, 128), (10572, 512), (3, 3, 3, 64), (8209,),
+                                   (100, 7), (4,)])
+def test_square_sum_is_an_accurate_squared_norm(shape):
+  """Powers of two, an odd class count, a prime size (no power-of-two view), small sizes."""
+  x = (np.random.default_rng(1).standard_normal(shape) * 3 + 1).astype(np.float32)
+  got = jax.jit(layers.square_sum)(x)
+  ref = np.sum(x.astype(np.float64) ** 2)
+  assert got.dtype == jnp.float32 and got.shape == ()
+  np.testing.assert_allclose(float(got), ref, rtol=2e-6)
+
+
+def test_grad_norm_equals_optax_tree_norm():
+  import optax
+  from askd_jax.train.step import grad_norm
+  rng = np.random.default_rng(2)
+  tree = {"conv": rng.standard_normal((3, 3, 32, 64)).astype(np.float32),
+          "head": {"w": rng.standard_normal((1000, 128)).astype(np.float32),
+                   "b": jnp.asarray(rng.standard_normal(128), jnp.bfloat16)},
+          "alpha": np.full(64, 0.25, np.float32)}
+  got = jax.jit(grad_norm)(tree)
+  ref = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in jax.tree.leaves(tree)))
+  np.testing.assert_allclose(float(got), ref, rtol=2e-6)
+  np.testing.assert_allclose(float(got), float(optax.tree.norm(tree)), rtol=2e-6)
+  assert float(grad_norm({})) == 0.0
+  assert not np.isfinite(float(jax.jit(grad_norm)(dict(tree, conv=tree["conv"] * np.inf))))
 
 
 def test_conv_layer_uses_it_and_keeps_its_params():

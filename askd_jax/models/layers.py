@@ -80,6 +80,22 @@ def channel_sums(*xs: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(out)
 
 
+def square_sum(x: jax.Array) -> jax.Array:
+  """float32 sum of x * x over every element (a gradient's squared norm).
+
+  On CPU through `channel_sums` over a (rows, c) view of the flat array, c the largest
+  power of two up to 4096 that divides its size: XLA:CPU's own full reduction runs as a
+  reduce-window tree several times slower (the squared norm of the iResNet50 gradients,
+  57M values: 78-114 ms -> 15 ms)."""
+  x = x.astype(jnp.float32).reshape(-1)
+  if jax.default_backend() != "cpu" or x.size < 8192:
+    return jnp.sum(x * x)
+  c = next(d for d in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+           if x.size % d == 0)
+  v = x.reshape(-1, c)
+  return jnp.sum(channel_sums(v * v)[0])
+
+
 def _add_pairwise(a, b):
   return [u + v for u, v in zip(a, b)]
 
@@ -259,8 +275,10 @@ def kernel_grad(x, g, w, strides, padding, precision=None):
   """d(kernel w) (kh, kw, C_in, C_out) of the NHWC convolution of x at cotangent g.
 
   The same convolution XLA's autodiff emits (input (C_in, H, W, B), the cotangent as a
-  window-dilated (Ho, Wo, B, C_out) kernel, output (C_in, kh, kw, C_out)), with both
-  layout changes made from materialised arrays (`fusion_region`)."""
+  window-dilated (Ho, Wo, B, C_out) kernel, output (C_in, kh, kw, C_out)), with its three
+  layout changes made as computations of their own (`fusion_region`): the two operands'
+  from materialised arrays, and the result's, so that its consumers (the gradient norm,
+  the optimizer's two updates) read a plain array instead of each transposing it again."""
   kh, kw = w.shape[:2]
   (lo_h, _), (lo_w, _) = padding
   ho, wo = g.shape[1:3]
@@ -270,7 +288,7 @@ def kernel_grad(x, g, w, strides, padding, precision=None):
   gt = fusion_region(lambda v: jnp.transpose(v, (1, 2, 0, 3)), g, probe=w)
   dw = jax.lax.conv_general_dilated(xt, gt, (1, 1), pads, rhs_dilation=strides,
                                     dimension_numbers=_NHWC, precision=precision)
-  return jnp.transpose(dw, (1, 2, 0, 3)).astype(w.dtype)
+  return fusion_region(lambda v: jnp.transpose(v, (1, 2, 0, 3)).astype(w.dtype), dw, probe=w)
 
 
 def fusion_region(fn, *args, probe=None):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from askd_jax.models import layers
 from askd_jax.train.state import TrainState
 
 
@@ -50,7 +51,7 @@ def make_train_step(*, task, model, tx: optax.GradientTransformation,
       return loss, (new_stats, terms)
 
     (loss, (new_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    gnorm = optax.tree.norm(grads)
+    gnorm = grad_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -83,6 +84,15 @@ def make_train_step(*, task, model, tx: optax.GradientTransformation,
 # the dots only. Pass to `jax.jit(step, compiler_options=compiler_options())`.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def grad_norm(grads) -> jax.Array:
+  """The global L2 norm of a gradient tree (`optax.tree.norm`), float32; on CPU each
+  leaf's squared norm is `layers.square_sum`, several times faster there."""
+  leaves = jax.tree.leaves(grads)
+  if jax.default_backend() != "cpu" or not leaves:
+    return optax.tree.norm(grads)
+  return jnp.sqrt(sum(layers.square_sum(g) for g in leaves))
 
 
 def compiler_options(backend: Optional[str] = None) -> dict:
