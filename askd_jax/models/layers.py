@@ -213,6 +213,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     producers of both (the BN before the convolution, the BN backward after it) into the
     transposing copy, which then runs ~3.5x slower than the copy alone (32x112x112x64:
     56 ms for the copy, 196 ms with one multiply-add fused in), and compute them twice.
+    The result's layout change to (kh, kw, C_in, C_out) is a region of its own too, so the
+    optimizer's updates and the gradient norm read a plain array (see `kernel_grad`).
   * The input gradient of the stride-2 3x3 (padding 1, from SUBPIXEL_MIN_PIXELS input
     pixels up) and 1x1 (padding 0) convolutions of even-sized inputs is computed sub-pixel
     (`subpixel_input_grad`). By autodiff it is a convolution over the cotangent dilated with
