@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -90,9 +91,7 @@ def square_sum(x: jax.Array) -> jax.Array:
   x = x.astype(jnp.float32).reshape(-1)
   if jax.default_backend() != "cpu" or x.size < 8192:
     return jnp.sum(x * x)
-  c = next(d for d in (4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
-           if x.size % d == 0)
-  v = x.reshape(-1, c)
+  v = x.reshape(-1, math.gcd(x.size, 4096))
   return jnp.sum(channel_sums(v * v)[0])
 
 
