@@ -9,30 +9,16 @@ Two kinds of directory hold a model:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Dict, Tuple
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
+from askd_jax.train.hashing import params_hash
 from askd_jax.train.sharding import restore_replicated
 
 SPEC_FILE = "model.json"
-
-
-def params_hash(tree) -> str:
-  """A short, order-stable hash of a parameter tree (identifies a teacher)."""
-  h = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
-                           key=lambda kv: jax.tree_util.keystr(kv[0])):
-    a = np.asarray(jax.device_get(leaf))
-    h.update(jax.tree_util.keystr(path).encode())
-    h.update(str(a.dtype).encode() + str(a.shape).encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()[:16]
 
 
 def write_spec(path: str, spec: Dict[str, Any]) -> None:

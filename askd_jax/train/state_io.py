@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from askd_jax.train.checkpoint import params_hash
+from askd_jax.train.hashing import params_hash
 from askd_jax.train.sharding import restore_replicated
 
 log = logging.getLogger(__name__)
