@@ -1,4 +1,4 @@
-"""Face recognition with A-SKD: `python -m askd_jax.main --config=configs/facerec.py[:PRESET]`.
+r"""Face recognition with A-SKD: `python -m askd_jax.main --config=configs/facerec.py[:PRESET]`.
 
 Presets
   demo      (default) a small iResNet-CBAM on the ORL faces that ship with the project (28 people
@@ -11,6 +11,25 @@ Presets
             rank-k identification on TinyFace.
 
 Every field can be overridden: --config.train.batch_size=64 --config.student.methods=none,askd,at
+
+Commands
+  demo      python -m askd_jax.main --config=configs/facerec.py --workdir=runs/demo
+            5-7 min wall on a 2-core x86_64 CPU VM (5 min 12 s idle, jax 0.10.2, commit
+            d284250; 6.5 min at 650145a); the table it makes: README.md, docs/results.md.
+  casia     python -m askd_jax.data.prepare --dataset=casia \
+                --manual_dir=/data/faces_webface_112x112 --data_dir=/data/tfds
+            python -m askd_jax.main --config=configs/facerec.py:casia \
+                --config.data.manual_dir=/data/faces_webface_112x112 \
+                --config.data.data_dir=/data/tfds --config.dtype=bfloat16 --workdir=runs/casia
+            Not run at this scale in this project: no measured time; the paper's numbers
+            and the GPU step times are in docs/results.md and docs/benchmarks.md.
+  tinyface  python -m askd_jax.data.prepare --dataset=tinyface --manual_dir=/data/tinyface \
+                --data_dir=/data/tfds
+            python -m askd_jax.main --config=configs/facerec.py:tinyface \
+                --config.data.data_dir=/data/tfds --config.dtype=bfloat16 \
+                --config.student.teacher=runs/casia/teacher --workdir=runs/tinyface
+            (CASIA prepared as above; without student.teacher it trains the teacher first.)
+            Not run at this scale in this project: no measured time.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Face detection with A-SKD (supplementary 2.2): `python -m askd_jax.main --config=configs/widerface.py[:PRESET]`.
+r"""Face detection with A-SKD (supplementary 2.2): `python -m askd_jax.main --config=configs/widerface.py[:PRESET]`.
 
 Presets
   small      (default) offline demo: a tiny TinaFace-CBAM (one bottleneck per stage, width 8,
@@ -36,6 +36,20 @@ Choices the supplementary leaves open (see docs/widerface.md):
 Down-sampling factors: student.factors; student.sizes follows them (image_size // factor)
 unless set itself:  --config.student.factors=16  or  --config.student.sizes=40
 Every other field can be overridden too: --config.train.batch_size=16
+
+Commands
+  small      python -m askd_jax.main --config=configs/widerface.py --workdir=runs/widerface_small
+             23.4 min wall (one run, seed 0) on a 2-core x86_64 CPU VM shared with other
+             jobs (load ~4); its AP table: docs/widerface.md.
+  widerface  python -m askd_jax.main --config=configs/widerface.py:widerface \
+                 --config.data.manual_dir=/data/widerface --config.data.data_dir=/data/tfds \
+                 --workdir=runs/widerface
+             (the first run converts the released files to askd_wider_face in data_dir.)
+             Not run at this scale in this project: no measured time; docs/widerface.md.
+  widerface_x16 (x32 alike)
+             python -m askd_jax.main --config=configs/widerface.py:widerface_x16 \
+                 --config.data.data_dir=/data/tfds \
+                 --config.student.teacher=runs/widerface/teacher --workdir=runs/widerface_x16
 """
 from __future__ import annotations
 
