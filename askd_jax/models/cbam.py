@@ -7,67 +7,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from askd_jax import ops
 from askd_jax.models.layers import conv
 
 Dtype = Any
 
 
-def spatial_sum(x: jax.Array) -> jax.Array:
-  """(B, H, W, C) -> (B, C) float32 sums over H, W.
-
-  On CPU a batched GEMV, ones(B, 1, HW) @ x(B, HW, C), whose operands are in XLA's canonical
-  dot layout as they are: XLA:CPU runs the reduction over the middle axes several times
-  slower (see layers.channel_sum), and a contraction written as "bnc,n->bc" makes it
-  transpose x to (B, C, HW) first, recomputing x's producers inside that copy."""
-  b, c = x.shape[0], x.shape[-1]
-  if jax.default_backend() == "cpu":
-    ones = jnp.ones((b, 1, x.shape[1] * x.shape[2]), x.dtype)
-    return jnp.einsum("bkn,bnc->bkc", ones, x.reshape(b, -1, c),
-                      precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=jnp.float32)[:, 0]
-  return jnp.sum(x.astype(jnp.float32), axis=(1, 2))
-
-
-MAX_UNROLLED_ROWS = 64  # larger maps (detection) keep jnp.max: one HLO op per row
-
-
-@jax.custom_vjp
-def spatial_max(x: jax.Array) -> jax.Array:
-  """(B, H, W, C) -> (B, C) maxima over H, W, with jnp.max's gradient (split among ties).
-
-  On CPU (up to MAX_UNROLLED_ROWS rows) the maximum over H runs as one elementwise pass
-  that reads the channels contiguously, then a small reduction over W: XLA:CPU would
-  otherwise copy x to (B, C, HW) for a row reduction, recomputing x's producers inside
-  that copy. The backward is one masked pass; the tie count is a GEMV (`spatial_sum`)."""
-  if jax.default_backend() != "cpu" or x.shape[1] > MAX_UNROLLED_ROWS:
-    return jnp.max(x, axis=(1, 2))
-  m = x[:, 0]
-  for h in range(1, x.shape[1]):
-    m = jnp.maximum(m, x[:, h])
-  # A reduction, not another unrolled loop: its result is materialised once instead of
-  # being recomputed inside every elementwise consumer.
-  return jnp.max(m, axis=1)
-
-
-def _spatial_max_fwd(x):
-  m = spatial_max(x)
-  return m, (x, m)
-
-
-def _spatial_max_bwd(res, g):
-  x, m = res
-  hit = x == m[:, None, None, :]
-  count = spatial_sum(hit.astype(x.dtype))
-  share = (g.astype(jnp.float32) / count).astype(x.dtype)
-  return (jnp.where(hit, share[:, None, None, :], jnp.zeros((), x.dtype)),)
-
-
-spatial_max.defvjp(_spatial_max_fwd, _spatial_max_bwd)
-
-
 @jax.custom_vjp
 def gate_channels(x: jax.Array, s: jax.Array) -> jax.Array:
-  """x (B, H, W, C) * s (B, C) (float32) per channel; the gate's gradient is `spatial_sum`."""
+  """x (B, H, W, C) * s (B, C) (float32) per channel; the gate's gradient is
+  `ops.spatial_sum`."""
   return x * s.astype(x.dtype)[:, None, None, :]
 
 
@@ -78,7 +27,7 @@ def _gate_fwd(x, s):
 def _gate_bwd(res, g):
   x, s = res
   dx = g * s.astype(g.dtype)[:, None, None, :]
-  return dx, spatial_sum(g.astype(jnp.float32) * x.astype(jnp.float32))
+  return dx, ops.spatial_sum(g.astype(jnp.float32) * x.astype(jnp.float32))
 
 
 gate_channels.defvjp(_gate_fwd, _gate_bwd)
@@ -96,8 +45,8 @@ class ChannelAttention(nn.Module):
     dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                      kernel_init=nn.initializers.xavier_uniform(), name=name)
     # One matmul for both pooled vectors: (2B, C) -> (2B, C/r) -> (2B, C).
-    avg = (spatial_sum(x) / (x.shape[1] * x.shape[2])).astype(x.dtype)
-    pooled = jnp.concatenate([avg, spatial_max(x)], axis=0)
+    avg = (ops.spatial_sum(x) / (x.shape[1] * x.shape[2])).astype(x.dtype)
+    pooled = jnp.concatenate([avg, ops.spatial_max(x)], axis=0)
     h = dense(c, "fc2")(nn.relu(dense(hidden, "fc1")(pooled)))
     att = (h[:b] + h[b:]).astype(jnp.float32)  # (B, C), pre-sigmoid
     return gate_channels(x, jax.nn.sigmoid(att)), att

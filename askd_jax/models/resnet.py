@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from askd_jax import ops
 from askd_jax.models.cbam import CBAM
 from askd_jax.models.features import Features
-from askd_jax.models.layers import BatchNorm, conv_general_dilated
+from askd_jax.models.layers import BatchNorm
 
 Dtype = Any
 
@@ -37,7 +38,7 @@ def conv_kaiming(features: int, kernel: int, stride: int = 1, *, dtype: Dtype,
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=kaiming_fan_out,
-                 conv_general_dilated=conv_general_dilated, name=name)
+                 conv_general_dilated=ops.conv_general_dilated, name=name)
 
 
 class BasicBlockCBAM(nn.Module):
