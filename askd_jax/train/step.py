@@ -6,6 +6,7 @@ Student stages degrade the high-resolution batch on device (so HR and LR views c
 one decode), run the frozen teacher on HR in eval mode, and add the distillation loss.
 A step whose loss or gradient is not finite leaves the state untouched and is recorded
 in it (bad_steps, first_bad_step, bad_terms): the loop decides to stop or go on.
+The two forwards are named scopes, "teacher" and "student", so profiles split them.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from askd_jax.models import layers
+from askd_jax import ops
 from askd_jax.train.state import TrainState
 
 
@@ -33,13 +34,14 @@ def make_train_step(*, task, model, tx: optax.GradientTransformation,
 
     t_feats = None
     if teacher_model is not None:
-      (_, t_feats), _ = task.forward(teacher_model, teacher_vars, hr, batch, train=False)
+      (_, t_feats), _ = jax.named_call(task.forward, name="teacher")(
+          teacher_model, teacher_vars, hr, batch, train=False)
       t_feats = jax.lax.stop_gradient(t_feats)
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
-      (out, feats), new_stats = task.forward(model, variables, x, batch, train=True,
-                                             rngs={"dropout": k_drop})
+      (out, feats), new_stats = jax.named_call(task.forward, name="student")(
+          model, variables, x, batch, train=True, rngs={"dropout": k_drop})
       loss, terms = task.loss(out, batch)
       terms = dict(terms, task_loss=loss)
       if distill_fn is not None:
@@ -51,7 +53,7 @@ def make_train_step(*, task, model, tx: optax.GradientTransformation,
       return loss, (new_stats, terms)
 
     (loss, (new_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    gnorm = grad_norm(grads)
+    gnorm = ops.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -86,18 +88,9 @@ CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def grad_norm(grads) -> jax.Array:
-  """The global L2 norm of a gradient tree (`optax.tree.norm`), float32; on CPU each
-  leaf's squared norm is `layers.square_sum`, several times faster there."""
-  leaves = jax.tree.leaves(grads)
-  if jax.default_backend() != "cpu" or not leaves:
-    return optax.tree.norm(grads)
-  return jnp.sqrt(sum(layers.square_sum(g) for g in leaves))
-
-
 def compiler_options(backend: Optional[str] = None) -> dict:
   """XLA options that make the train step fast on `backend` (default: JAX's default)."""
-  return dict(CPU_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}
+  return dict(CPU_COMPILER_OPTIONS) if ops.on_cpu(backend) else {}
 
 
 BAD_TERMS = ("loss", "task_loss", "distill_loss", "grad_norm")
