@@ -25,6 +25,7 @@ import optax
 import pytest
 from PIL import Image
 
+from askd_jax.data import detection as det_data
 from askd_jax.data import synthetic_faces as sf
 from askd_jax.evaluate.widerface import DIFFICULTIES, ImageGT, evaluate_widerface
 from askd_jax.tasks import detection as det
@@ -104,22 +105,22 @@ def test_orl_faces_and_bad_specs():
 def test_box_transforms_by_hand():
   boxes = np.array([[10, 20, 30, 60], [0, 0, 0, 0]], np.float32)
   valid = np.array([True, False])
-  np.testing.assert_array_equal(det.flip_boxes(boxes, valid, 100),
+  np.testing.assert_array_equal(det_data.flip_boxes(boxes, valid, 100),
                                 [[70, 20, 90, 60], [0, 0, 0, 0]])
   # keep_largest keeps the two largest of three, in file order.
   three = np.array([[0, 0, 2, 2], [0, 0, 10, 10], [0, 0, 5, 5]], np.float32)
-  np.testing.assert_array_equal(det.keep_largest(three, 2), three[[1, 2]])
+  np.testing.assert_array_equal(det_data.keep_largest(three, 2), three[[1, 2]])
   # letterbox: 100 x 50 (w x h) -> 200 canvas: scale 2, rows 100.. are grey padding.
   img = np.zeros((50, 100, 3), np.uint8)
-  canvas, scale = det.letterbox(img, 200)
+  canvas, scale = det_data.letterbox(img, 200)
   assert scale == 2.0 and canvas.shape == (200, 200, 3)
-  assert (canvas[:100] == 0).all() and (canvas[100:] == det.PAD_VALUE).all()
+  assert (canvas[:100] == 0).all() and (canvas[100:] == det_data.PAD_VALUE).all()
   # random_square_crop: the crop holds only faces whose centre is inside, shifted + clipped.
   rng = np.random.default_rng(0)
   img = np.arange(200 * 100 * 3, dtype=np.uint32).reshape(200, 100, 3).astype(np.uint8)
   faces = np.array([[10, 10, 30, 30], [80, 150, 110, 190]], np.float32)
   for _ in range(20):
-    crop, b = det.random_square_crop(img, faces, rng, (0.6, 1.0))
+    crop, b = det_data.random_square_crop(img, faces, rng, (0.6, 1.0))
     side = crop.shape[0]
     assert crop.shape[:2] == (side, side) and side in (60, 100) and len(b) >= 1
     assert (b >= 0).all() and (b <= side).all()
@@ -139,13 +140,13 @@ def test_wider_train_transform_scales_and_drops_invalid_faces():
             "faces/bbox": np.array([[30, 20, 30, 40], [100, 100, 10, 10], [5, 5, 0, 4]],
                                    np.float32),
             "faces/valid": np.array([True, False, False])}
-  t = det.WiderTrainTransform(size=320, max_boxes=3, crop_choice=(1.0,), flip=False)
+  t = det_data.WiderTrainTransform(size=320, max_boxes=3, crop_choice=(1.0,), flip=False)
   out = t.random_map(dict(record), np.random.default_rng(0))
   assert out["image"].shape == (320, 320, 3) and int(out["label"]) == 7
   np.testing.assert_array_equal(out["valid"], [True, False, False])
   np.testing.assert_allclose(out["boxes"][0], [60, 40, 120, 120])
   assert out["image"][80, 90].min() > 200 and out["image"][200, 200].max() < 100
-  flipped = det.WiderTrainTransform(320, 3, (1.0,), flip=True)
+  flipped = det_data.WiderTrainTransform(320, 3, (1.0,), flip=True)
   outs = [flipped.random_map(dict(record), np.random.default_rng(s)) for s in range(8)]
   got = {tuple(np.round(o["boxes"][0]).astype(int)) for o in outs}
   assert got == {(60, 40, 120, 120), (200, 40, 260, 120)}
