@@ -41,11 +41,26 @@ def equiv(tmp_path_factory):
 
 # --- 1 device vs 4 devices, same global batch, 3 student steps ------------------------------------
 
-@pytest.mark.parametrize("method", ["askd", pytest.param("at", marks=pytest.mark.xfail(
-    reason="known: with AT (weight 1e3) the parameters end 1.3e-4 relative apart (a BN bias; "
-    "losses agree to 1e-5) since the closed-form BatchNorm backward; open in issue 6",
-    strict=False))])
+# The parameters' bound per method: see test_four_devices_equal_one.
+PARAMS_REL = {"askd": 1e-5, "at": 1e-5 * (1 + 0.002 * 1e3) ** 3}
+
+
+@pytest.mark.parametrize("method", ["askd", "at"])
 def test_four_devices_equal_one(equiv, method):
+  """Same losses (rtol 1e-5), parameters within PARAMS_REL[method], BN statistics within 1e-4.
+
+  AT's parameter bound, derived: 1 and 4 devices sum the global batch's BN statistics and
+  gradients in different orders, float32 differences of ~1e-7 relative in the activations
+  and hence in the attention maps. Unamplified, they leave the parameters within 1e-5 after
+  the 3 steps (A-SKD: weight 5, lr eta = 0.002, eta * weight = 0.01). AT's loss is
+  beta * mean((a_s - a_t)^2) over L2-normalised maps a, beta = 1e3. Its gradient
+  2 beta (a_s - a_t) / (B H W) carries the maps' relative error unchanged, but its curvature
+  is beta times a unit-weight term's: a parameter difference d left by one step changes the
+  next gradient by ~beta |J|^2 d (J: the maps' Jacobian in the parameters, O(1) for
+  unit-norm maps; taken as 1) and the next update by eta beta d. Each of the 3 steps can so
+  grow the difference by (1 + eta beta) = 3: 1e-5 * 3^3 = 2.7e-4. Measured (2-core x86_64,
+  jax 0.10.2): A-SKD 2.9e-6, AT 4.3e-6 (BN biases, relative to the 0.01 floor; AT reached
+  1.3e-4 with an earlier BN formulation); losses within 1.1e-7 for both methods."""
   r = equiv[method]
   assert r["four"]["n_devices_used"] == 4 and r["one"]["n_devices_used"] == 1
   one, four = np.asarray(r["one"]["losses"]), np.asarray(r["four"]["losses"])
@@ -53,10 +68,10 @@ def test_four_devices_equal_one(equiv, method):
   np.testing.assert_allclose(four, one, rtol=1e-5)
   np.testing.assert_allclose(r["four"]["distill"], r["one"]["distill"], rtol=1e-5)
   assert r["one"]["distill"][0] > 0  # the teacher term is really in the loss
-  assert r["params"]["finite"] and r["params"]["rel"] < 1e-5, r["params"]
-  # BatchNorm statistics over the global batch. Their column sums are GEMVs on CPU
-  # (models/layers.py), accumulated in another order over 4 shards than over one batch:
-  # float32 rounding of ~3e-7 on running means of ~0.01 (measured 2.7e-5 relative).
+  assert r["params"]["finite"] and r["params"]["rel"] < PARAMS_REL[method], r["params"]
+  # BatchNorm statistics over the global batch. Their column sums (askd_jax.ops.channel_sums)
+  # are accumulated in another order over 4 shards than over one batch: float32 rounding
+  # of ~3e-7 on running means of ~0.01 (measured 2.6e-6 relative with A-SKD, 2.0e-6 with AT).
   assert r["stats"]["rel"] < 1e-4, r["stats"]
 
 
