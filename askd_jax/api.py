@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -123,6 +123,14 @@ class Threshold:
   set_name: str
   resolution: str  # 'HR' or the LR size, as keyed in eval.json
   accuracy: Optional[float] = None
+  center: Optional[np.ndarray] = None  # the evaluation's mean embedding, when it stored one
+
+  def score(self, a: np.ndarray, b: np.ndarray) -> float:
+    """The evaluation's score of a pair: cosine after subtracting `center` (the protocol
+    centres every pair on a mean embedding before its threshold applies), else cosine."""
+    if self.center is not None:
+      a, b = np.asarray(a) - self.center, np.asarray(b) - self.center
+    return FaceModel.similarity(a, b)
 
 
 class FaceModel:
@@ -239,7 +247,9 @@ class FaceModel:
     for name in names:
       r = sets[name]
       if r.get("threshold") is not None:
-        return Threshold(float(r["threshold"]), name, key, r.get("accuracy"))
+        c = r.get("center")
+        return Threshold(float(r["threshold"]), name, key, r.get("accuracy"),
+                         None if c is None else np.asarray(c, np.float32))
     raise ModelError(f"{self.path}: its {EVAL_FILE} at {key} holds no verification threshold "
                      f"(written by an older askd_jax); delete {EVAL_FILE} and {how}")
 

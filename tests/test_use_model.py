@@ -6,7 +6,6 @@ official-format PyTorch checkpoint converted with tools.convert (torch optional)
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -228,28 +227,41 @@ def _threshold_fixture(stage_dir, dest, d, size=None):
   p = d["pairs"]
   r = verification_accuracy(emb[p["idx1"]], emb[p["idx2"]], p["issame"])
   key = str(size) if size else "HR"
+  center = np.concatenate([emb[p["idx1"]], emb[p["idx2"]]]).mean(0)
   ev = {key: {"orl_test": {"accuracy": r["mean"], "std": r["std"],
-                           "threshold": float(np.mean(r["thresholds"]))}}}
+                           "threshold": float(np.mean(r["thresholds"])),
+                           "center": center.tolist()}}}
   (dest / "eval.json").write_text(json.dumps(ev))
-  return model, emb, ev[key]["orl_test"]["threshold"]
+  return model, emb, ev[key]["orl_test"]["threshold"], center
 
 
 def test_verify_cli(demo, tmp_path, capsys):
   workdir, cfg, d = demo
-  model, emb, thr = _threshold_fixture(os.path.join(workdir, "teacher"), tmp_path / "teacher", d)
+  model, emb, thr, center = _threshold_fixture(os.path.join(workdir, "teacher"),
+                                               tmp_path / "teacher", d)
   acc = json.loads((tmp_path / "teacher" / "eval.json").read_text())["HR"]["orl_test"]["accuracy"]
   people = sorted(set(d["test_person"].tolist()))
   paths = _orl_folder(tmp_path / "faces", d, people[:2], (1, 2), cfg.data.image_size)
   for a, b in ((paths[0], paths[1]), (paths[0], paths[2])):
     rc, out, err = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", a, b], capsys)
     assert rc == 0, err
-    sim = model.similarity(*model.embed([a, b]))
+    ea, eb = model.embed([a, b])
+    sim = model.similarity(ea - center, eb - center)  # centred, as the evaluation scores
     verdict = "same person" if sim > thr else "different people"
-    assert out.strip() == (f"{a} {b}: similarity {sim:.4f}, {verdict} (threshold {thr:.4f} "
+    assert out.strip() == (f"{a} {b}: centred similarity {sim:.4f}, {verdict} "
+                           f"(threshold {thr:.4f} "
                            f"chosen by the verification on orl_test at HR, accuracy {acc:.4f})")
   rc, out, _ = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", paths[0], paths[1],
                                       "--threshold=2"], capsys)
   assert rc == 0 and "different people (threshold 2.0000 given by --threshold)" in out
+  # an evaluation without a center: the plain cosine, said to be uncentred
+  ev = json.loads((tmp_path / "teacher" / "eval.json").read_text())
+  del ev["HR"]["orl_test"]["center"]
+  (tmp_path / "teacher" / "eval.json").write_text(json.dumps(ev))
+  rc, out, _ = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", paths[0], paths[1]],
+                    capsys)
+  sim = model.similarity(*model.embed(paths[:2]))
+  assert rc == 0 and f"similarity (uncentred) {sim:.4f}" in out
   # no evaluation at this resolution / at all / without thresholds: one line, the fix
   rc, _, err = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", "--size=7",
                                       paths[0], paths[1]], capsys)

@@ -6,10 +6,12 @@
 The decision uses the threshold the model's own verification evaluation chose (the mean of
 its 10 folds' thresholds, stored per set and resolution in DIR/eval.json by `python -m
 askd_jax.main --evaluate=DIR`; an export carries it in model.jaxexport.json): the first set
-evaluated at this resolution, or --set. A pair is the same person when the cosine of the
-embeddings (concat(emb(x), emb(flip x)), see askd_jax.api) is above the threshold, as in the
-evaluation (which also centres the embeddings on the mean of its pairs first; a single pair
-has no such mean, so the score here is the plain cosine). Prints one line; exit code 0.
+evaluated at this resolution, or --set. A pair is the same person when its score is above
+the threshold, as in the evaluation. The score is the cosine of the embeddings
+(concat(emb(x), emb(flip x)), see askd_jax.api) after subtracting the evaluation's mean
+embedding ("center" beside the threshold) as the official protocol centres its pairs; when
+the evaluation stored no center the plain cosine is used and the line says "uncentred"
+(the threshold is then only approximate). Prints one line; exit code 0.
 """
 from __future__ import annotations
 
@@ -42,15 +44,17 @@ def _verify(args) -> int:
   if args.threshold is None:
     thr = model.threshold(size, args.set)  # before the (slow) embedding: fail fast
     where = (f"threshold {thr.value:.4f} chosen by the verification on {thr.set_name} at "
-             f"{thr.resolution}" + (f" px" if thr.resolution != "HR" else "")
+             f"{thr.resolution}" + (" px" if thr.resolution != "HR" else "")
              + (f", accuracy {thr.accuracy:.4f}" if thr.accuracy is not None else ""))
-    value = thr.value
+    value, score = thr.value, thr.score
+    what = "centred similarity" if thr.center is not None else "similarity (uncentred)"
   else:
     value, where = args.threshold, f"threshold {args.threshold:.4f} given by --threshold"
+    score, what = model.similarity, "similarity"
   a, b = model.embed(list(args.images), size=size)
-  sim = model.similarity(a, b)
+  sim = score(a, b)
   verdict = "same person" if sim > value else "different people"
-  print(f"{args.images[0]} {args.images[1]}: similarity {sim:.4f}, {verdict} ({where})")
+  print(f"{args.images[0]} {args.images[1]}: {what} {sim:.4f}, {verdict} ({where})")
   return 0
 
 
