@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = ("attention_maps.ipynb", "results.ipynb")
+NOTEBOOKS = ("attention_maps.ipynb", "results.ipynb", "use_a_model.ipynb")
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +125,23 @@ def test_results_notebook_runs(tiny_run, tmp_path):
   # teacher at HR and 7 px, both students at 7 px: four ROC curves, each with an AUC in [0, 1]
   aucs = [float(line.split("|")[-2]) for line in md.splitlines() if line.startswith(f"| {tiny_run}")]
   assert len(aucs) == 4 and all(0.0 <= a <= 1.0 for a in aucs)
+
+
+def test_use_a_model_notebook_runs(tiny_run, tmp_path):
+  """Two photos of one ORL person and one of another, embedded with askd_jax.load."""
+  import askd_jax
+  from askd_jax.data import orl
+  nb = _execute("use_a_model.ipynb", {"WORKDIR": tiny_run, "PERSON": 3, "OTHER": 17}, tmp_path)
+  outs = _outputs(nb)
+  assert not [o for o in outs if o.output_type == "error"]
+  assert len([o for o in outs if "image/png" in o.get("data", {})]) == 1
+  text = "".join(o.get("text", "") for o in outs if o.output_type == "stream")
+  model = askd_jax.load(os.path.join(tiny_run, "teacher"))
+  s = model.input_size
+  photos = ((3, 1), (3, 2), (17, 1))
+  emb = model.embed([orl.to_square(orl.read_photo(p, k), s) for p, k in photos])
+  assert f"same person:      {model.similarity(emb[0], emb[1]):.4f}" in text
+  assert f"different people: {model.similarity(emb[0], emb[2]):.4f}" in text
 
 
 # --- the CLI -------------------------------------------------------------------------------

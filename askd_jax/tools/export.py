@@ -1,0 +1,76 @@
+"""Export a face model as one portable file: StableHLO with its parameters, via jax.export.
+
+    python -m askd_jax.tools.export --model=DIR --out=model.jaxexport [--size=14]
+        [--platforms=cpu,cuda] [--overwrite]
+
+The file holds the eval-mode embedder, uint8 (batch, S, S, 3) RGB -> float32 (batch, 2D)
+concat(emb(x), emb(flip x)), with the batch dimension symbolic and the parameters baked in
+as constants (a converted BGR checkpoint reverses the channels inside: feed RGB). --size
+builds the degradation of a student evaluated at that LR size into it. Load and run it with
+JAX alone, no askd_jax:
+
+    import jax, numpy as np
+    exp = jax.export.deserialize(bytearray(open("model.jaxexport", "rb").read()))
+    emb = exp.call(images)          # images: uint8 (N, S, S, 3) RGB, aligned face crops
+
+Beside it, model.jaxexport.json records the model spec, the size and the evaluation results
+(its verification thresholds), which `askd_jax.load("model.jaxexport")` and the verify tool
+read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+PROG = "python -m askd_jax.tools.export"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+  p.add_argument("--model", required=True, help="stage directory or converted checkpoint "
+                 "directory")
+  p.add_argument("--out", required=True, help="the file to write (e.g. model.jaxexport)")
+  p.add_argument("--size", type=int, default=0, help="build in the degradation of a student "
+                 "evaluated at this LR size (0: none)")
+  p.add_argument("--platforms", default="cpu", help="comma-separated platforms the file runs "
+                 "on: cpu, cuda, rocm, tpu")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  args = p.parse_args(argv)
+  from askd_jax import api
+  return api.run_cli(PROG, lambda: _export(args))
+
+
+def _export(args) -> int:
+  from askd_jax import api
+  out = args.out
+  side = out + api.SIDECAR_SUFFIX
+  if not args.overwrite:
+    for f in (out, side):
+      if os.path.exists(f):
+        raise api.ModelError(f"--out: {f} exists; choose another file or pass --overwrite")
+  platforms = [s.strip() for s in args.platforms.split(",") if s.strip()]
+  bad = [s for s in platforms if s not in ("cpu", "cuda", "rocm", "tpu")]
+  if bad or not platforms:
+    raise api.ModelError(f"--platforms={args.platforms}: choose from cpu, cuda, rocm, tpu")
+  model = api.load(args.model)
+  exp = model.export(args.size or None, platforms)
+  data = exp.serialize()
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  for path, write in ((out, lambda f: f.write(data)),
+                      (side, lambda f: f.write(json.dumps(
+                          api.export_metadata(model, args.size), indent=2).encode()))):
+    with open(path + ".tmp", "wb") as f:
+      write(f)
+    os.replace(path + ".tmp", path)
+  s = model.input_size
+  print(f"wrote {out} ({len(data) / 2**20:.1f} MiB, {', '.join(exp.platforms)}): uint8 "
+        f"(batch, {s}, {s}, 3) RGB -> float32 (batch, {exp.out_avals[0].shape[-1]})"
+        + (f", degraded to {args.size} px" if args.size else "") + f"; metadata in {side}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
