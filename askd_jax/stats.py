@@ -209,12 +209,13 @@ def plot(summary: Dict[str, Any], path: str, method_names: Dict[str, str]) -> No
   fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False)
   methods = [m for m in method_names if any(c["method"] == m for c in cells)]
   for (s, metric), (ax, axd) in zip(panels, axes):
-    res = sorted({c["eval_resolution"] for c in cells if c["set"] == s}, key=res_key,
-                 reverse=True)
-    for k, m in enumerate(methods):
-      for ax_, src in ((ax, cells), (axd, diffs)):
-        pts = [next((c for c in src if c["set"] == s and c["metric"] == metric
-                     and c["method"] == m and c["eval_resolution"] == r), None) for r in res]
+    for ax_, src, title in ((ax, cells, METRICS[metric]),
+                            (axd, diffs, f"difference to {summary['baseline']} (points, paired)")):
+      mine = [c for c in src if c["set"] == s and c["metric"] == metric]
+      res = sorted({c["eval_resolution"] for c in mine}, key=res_key, reverse=True)
+      for k, m in enumerate(methods):  # one colour per method in every panel
+        pts = [next((c for c in mine if c["method"] == m and c["eval_resolution"] == r), None)
+               for r in res]
         xs = [i + 0.08 * (k - len(methods) / 2) for i, p in enumerate(pts) if p]
         pts = [p for p in pts if p]
         if not pts:
@@ -223,9 +224,7 @@ def plot(summary: Dict[str, Any], path: str, method_names: Dict[str, str]) -> No
         lo = np.nan_to_num(ys - 100 * np.array([p["lo"] for p in pts]))
         hi = np.nan_to_num(100 * np.array([p["hi"] for p in pts]) - ys)
         ax_.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, linestyle="none",
-                     label=method_names[m])
-    for ax_, title in ((ax, METRICS[metric]), (axd, f"difference to {summary['baseline']} "
-                                                     "(points, paired)")):
+                     color=f"C{k}", label=method_names[m])
       ax_.set_xticks(range(len(res)), [f"{r} px" if r != "HR" else "HR" for r in res])
       ax_.set_title(f"{s}: {title}, {int(100 * summary['confidence'])} % intervals")
       ax_.grid(alpha=0.3)
@@ -240,7 +239,7 @@ def write_report(out_dir: str, workdirs: Sequence[str], method_names: Dict[str, 
                  title: str = "Results over runs", notes: Sequence[str] = ()) -> str:
   """results.json / results.md / results.png in out_dir from the runs' results.json."""
   summary = summarize(load_runs(workdirs))
-  md = "\n".join([f"# {title}", "", *notes, "" if notes else "",
+  md = "\n".join([f"# {title}", "", *notes, *([""] if notes else []),
                   f"Runs ({len(workdirs)}): " + ", ".join(
                       f"`{os.path.relpath(w, out_dir)}`" for w in workdirs), "",
                   markdown(summary, method_names)])
