@@ -36,8 +36,9 @@ def markdown_table(rows, meta) -> str:
   for s in sets:
     cap = meta.get("caption") or "Verification accuracy (%) on `{set}`, 10-fold mean +- std"
     out += [cap.format(set=s) + "; columns: the resolution the model sees at test time.", ""]
-    out.append("| method | " + " | ".join(f"{c} px" if c != "HR" else "HR" for c in res) + " |")
-    out.append("|---|" + "---|" * len(res))
+    head = ["| method | " + " | ".join(f"{c} px" if c != "HR" else "HR" for c in res) + " |",
+            "|---|" + "---|" * len(res)]
+    out += head
     for m in methods:
       cells = []
       for c in res:
@@ -48,6 +49,14 @@ def markdown_table(rows, meta) -> str:
           cells.append(f"{100 * hit[0]['accuracy']:.2f}" if hit else "")
       out.append(f"| {METHOD_NAMES[m]} | " + " | ".join(cells) + " |")
     out.append("")
+    tar = {(r["method"], r["eval_resolution"]): r["tar_far1e-2"] for r in rows
+           if r["set"] == s and r.get("tar_far1e-2") is not None}
+    if tar:  # face verification: the second metric (askd_jax.evaluate.verification.tar_at_far)
+      out += [f"TAR (%) at FAR 1e-2 on `{s}`, all pairs at once", "", *head]
+      out += [f"| {METHOD_NAMES[m]} | " + " | ".join(
+          f"{100 * tar[(m, c)]:.2f}" if (m, c) in tar else "" for c in res) + " |"
+          for m in methods]
+      out.append("")
   if meta.get("elapsed_s") is not None:
     out.append(f"Total wall time: {meta['elapsed_s'] / 60:.1f} min on {meta.get('machine', '?')}.")
   return "\n".join(out) + "\n"

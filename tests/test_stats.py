@@ -160,3 +160,17 @@ def test_tar_at_far_is_the_best_tar_with_far_at_most_the_target():
       best = max(best, np.mean(s[same] > t))
   assert 0.05 < got < 0.99  # a case where the threshold matters
   assert math.isclose(got, best, rel_tol=1e-6)
+
+
+def test_single_run_report_has_the_tar_table():
+  from askd_jax import report
+  rows = [{"method": "teacher", "eval_resolution": "HR", "set": "orl_test", "accuracy": 0.9,
+           "std": 0.02, "tar_far1e-2": 0.61},
+          {"method": "none", "eval_resolution": "7", "set": "orl_test", "accuracy": 0.8,
+           "std": 0.03, "tar_far1e-2": 0.4234}]
+  md = report.markdown_table(rows, {"preset": "compare"})
+  tar = md[md.index("TAR (%) at FAR 1e-2 on `orl_test`"):]
+  assert "| Teacher (HR-trained) | 61.00 |  |" in tar
+  assert "| Student, no distillation |  | 42.34 |" in tar
+  assert "TAR" not in report.markdown_table([{k: v for k, v in r.items() if k != "tar_far1e-2"}
+                                             for r in rows], {})
