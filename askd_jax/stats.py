@@ -132,9 +132,12 @@ def summarize(runs: List[Tuple[str, List[Dict[str, Any]]]], baseline: str = BASE
     both = [n for n in vals if n in base]
     if not both:
       continue
-    iv = paired_difference([vals[n] for n in both], [base[n] for n in both], confidence)
+    a, b = [vals[n] for n in both], [base[n] for n in both]
+    iv = paired_difference(a, b, confidence)
+    unpaired = welch_difference(a, b, confidence) if len(both) > 1 else None
     diffs.append({"set": s, "metric": metric, "method": method, "eval_resolution": res,
-                  **dataclasses.asdict(iv), "significant": iv.significant})
+                  **dataclasses.asdict(iv), "significant": iv.significant,
+                  "unpaired": unpaired and {"lo": unpaired.lo, "hi": unpaired.hi}})
   for key in {(d["set"], d["metric"]) for d in diffs}:
     group = [d for d in diffs if (d["set"], d["metric"]) == key and d["p"] is not None]
     for d, rej in zip(group, holm([d["p"] for d in group])):
@@ -194,6 +197,11 @@ def markdown(summary: Dict[str, Any], method_names: Dict[str, str]) -> str:
                      + (" \u2020" if d.get("holm") else ""))
         if any(row):
           out.append(f"| {method_names[m]} | " + " | ".join(row) + " |")
+      ratio = [(d["hi"] - d["lo"]) / (d["unpaired"]["hi"] - d["unpaired"]["lo"]) for d in dd
+               if d.get("unpaired") and d["unpaired"]["hi"] > d["unpaired"]["lo"]]
+      if ratio:  # how much the pairing buys here
+        out += ["", f"Median width of these paired intervals: {np.median(ratio):.2f}x that of "
+                "the unpaired (Welch) intervals over the same runs."]
       out.append("")
   return "\n".join(out)
 

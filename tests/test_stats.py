@@ -138,6 +138,9 @@ def test_report_cli_intervals_and_significance(tmp_path):
   assert "| Student, A-SKD | **+2.15 [" in md
   assert "| Student, AT | +0.00 [" in md
   assert "TAR at FAR 1e-2" in md
+  ratio = (askd["hi"] - askd["lo"]) / (askd["unpaired"]["hi"] - askd["unpaired"]["lo"])
+  assert ratio < 0.1  # the runs' 6-point spread cancels in the pairs
+  assert "Median width of these paired intervals: " in md
   assert (out / "results.png").stat().st_size > 0
   # a run that has not finished is named, not silently dropped
   r = subprocess.run([sys.executable, "-m", "askd_jax.report", *dirs, str(tmp_path / "nope")],
