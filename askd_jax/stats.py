@@ -52,7 +52,7 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
   if x.size < 2:
     return Interval(m, math.nan, math.nan, 1)
   sem = float(np.std(x, ddof=1)) / math.sqrt(x.size)
-  if sem == 0:
+  if sem <= 1e-12:  # equal values up to rounding: no spread to scale
     return Interval(m, m, m, int(x.size))
   lo, hi = sps.t.interval(confidence, x.size - 1, loc=m, scale=sem)
   return Interval(m, float(lo), float(hi), int(x.size))
@@ -66,8 +66,10 @@ def paired_difference(a: Sequence[float], b: Sequence[float],
     raise ValueError(f"paired values need equal lengths, got {a.shape} and {b.shape}")
   iv = t_interval(a - b, confidence)
   if iv.n > 1:
-    d = a - b
-    iv.p = 1.0 if np.all(d == d[0]) and d[0] == 0 else float(sps.ttest_rel(a, b).pvalue)
+    if iv.lo == iv.hi:  # every run the same difference (scipy would warn and divide by ~0)
+      iv.p = 1.0 if abs(iv.mean) <= 1e-12 else 0.0
+    else:
+      iv.p = float(sps.ttest_rel(a, b).pvalue)
   return iv
 
 
@@ -134,7 +136,8 @@ def summarize(runs: List[Tuple[str, List[Dict[str, Any]]]], baseline: str = BASE
       continue
     a, b = [vals[n] for n in both], [base[n] for n in both]
     iv = paired_difference(a, b, confidence)
-    unpaired = welch_difference(a, b, confidence) if len(both) > 1 else None
+    spread = len(both) > 1 and np.ptp(a) + np.ptp(b) > 1e-12  # Welch needs some variance
+    unpaired = welch_difference(a, b, confidence) if spread else None
     diffs.append({"set": s, "metric": metric, "method": method, "eval_resolution": res,
                   **dataclasses.asdict(iv), "significant": iv.significant,
                   "unpaired": unpaired and {"lo": unpaired.lo, "hi": unpaired.hi}})

@@ -55,7 +55,7 @@ def test_load_demo_split_records_and_pairs(tmp_path):
   assert np.all(labels[p["idx1"]][~p["issame"]] != labels[p["idx2"]][~p["issame"]])
 
 
-TINY = ["--config.model.width=0.125", "--config.model.embedding_dim=32",
+TINY = ["--config.data.image_size=28", "--config.model.width=0.125", "--config.model.embedding_dim=32",
         "--config.train.steps=2", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.student.sizes=7,", "--config.student.methods=none,askd",
         "--config.grid.splits=0,1", "--config.grid.seeds=3"]
@@ -68,7 +68,7 @@ def test_grid_runs_each_split_and_reports_paired_differences(tmp_path):
   cmd = [sys.executable, "-m", "askd_jax.main", "--config=configs/facerec.py:compare",
          f"--workdir={wd}", f"--config.data.data_dir={tmp_path / 'tfds'}",
          f"--config.jax_cache_dir={tmp_path / 'xla'}", *TINY]  # split 1 reuses split 0's programs
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3000)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   for k in (0, 1):
     run = json.loads((wd / f"split{k}_seed3" / "config.json").read_text())["config"]
@@ -93,3 +93,40 @@ def test_grid_runs_each_split_and_reports_paired_differences(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert [os.path.getmtime(wd / p) for p in ckpts] == mtimes  # nothing trained again
   assert json.loads((wd / "results.json").read_text())["cells"] == summary["cells"]
+
+
+def test_run_grid_orders_runs_and_reports_over_them(tmp_path, capsys):
+  """askd_jax.compare.run_grid with a stand-in for askd_jax.main.run (no training): one
+  sub-config per (split, seed), seed-major, without the grid block; the report pairs within
+  runs; an override spelled '0,2' works."""
+  import importlib.util
+  from askd_jax import compare
+  spec = importlib.util.spec_from_file_location("facerec_cfg", os.path.join(ROOT, "configs",
+                                                                           "facerec.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config("compare")
+  cfg.grid.splits = ("0,2",)
+  cfg.grid.seeds = (5, 6)
+  seen = []
+
+  def fake_run(sub, workdir, overwrite):
+    seen.append((sub.data.split, sub.seed, "grid" in sub, os.path.basename(workdir)))
+    os.makedirs(workdir)
+    base = 0.8 + 0.05 * sub.data.split + 0.01 * sub.seed
+    rows = [{"method": m, "eval_resolution": "7", "set": "orl_test", "accuracy": base + off,
+             "std": 0.0, "tar_far1e-2": 0.5} for m, off in (("none", 0.0), ("askd", 0.01))]
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"meta": {"elapsed_s": 60.0}, "rows": rows}, f)
+
+  md = compare.run_grid(cfg, str(tmp_path), False, fake_run)
+  assert seen == [(0, 5, False, "split0_seed5"), (2, 5, False, "split2_seed5"),
+                  (0, 6, False, "split0_seed6"), (2, 6, False, "split2_seed6")]
+  summary = json.loads((tmp_path / "results.json").read_text())
+  d = next(x for x in summary["diffs"] if x["method"] == "askd" and x["metric"] == "accuracy")
+  assert d["n"] == 4 and np.isclose(d["mean"], 0.01) and np.isclose(d["lo"], 0.01)
+  assert "runs' own times (each its last invocation): 4.0 min" in md
+  assert (tmp_path / "results.md").read_text() == md
+  cfg.grid.seeds = ("x",)
+  with pytest.raises(ValueError, match=r"config.grid.seeds=\('x',\) must be integers"):
+    compare.run_grid(cfg, str(tmp_path), False, fake_run)
