@@ -233,7 +233,11 @@ def main(argv):
       res = evaluate_stage(get_task(cfg), cfg, _EVALUATE.value, [sizes])
       print(json.dumps(res, indent=2))
       return
-    run(cfg, workdir, _OVERWRITE.value)
+    if cfg.get("grid") is not None:  # splits x seeds, one report (configs/facerec.py:compare)
+      from askd_jax.compare import run_grid
+      run_grid(cfg, workdir, _OVERWRITE.value, run)
+    else:
+      run(cfg, workdir, _OVERWRITE.value)
   except Preempted as e:
     _close_progress_bars()
     print(str(e))

@@ -5,13 +5,11 @@ import json
 import os
 from typing import Any, Dict, List
 
+from askd_jax.stats import res_key as _res_key
+
 METHOD_NAMES = {"teacher": "Teacher (HR-trained)", "none": "Student, no distillation",
                 "askd": "Student, A-SKD", "at": "Student, AT", "fkd": "Student, F-KD",
                 "horkd": "Student, HORKD"}
-
-
-def _res_key(r: str) -> tuple:
-  return (0, 0) if r == "HR" else (1, -int(str(r).split("/")[0]))
 
 
 def write_report(workdir: str, rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
@@ -38,8 +36,9 @@ def markdown_table(rows, meta) -> str:
   for s in sets:
     cap = meta.get("caption") or "Verification accuracy (%) on `{set}`, 10-fold mean +- std"
     out += [cap.format(set=s) + "; columns: the resolution the model sees at test time.", ""]
-    out.append("| method | " + " | ".join(f"{c} px" if c != "HR" else "HR" for c in res) + " |")
-    out.append("|---|" + "---|" * len(res))
+    head = ["| method | " + " | ".join(f"{c} px" if c != "HR" else "HR" for c in res) + " |",
+            "|---|" + "---|" * len(res)]
+    out += head
     for m in methods:
       cells = []
       for c in res:
@@ -50,6 +49,14 @@ def markdown_table(rows, meta) -> str:
           cells.append(f"{100 * hit[0]['accuracy']:.2f}" if hit else "")
       out.append(f"| {METHOD_NAMES[m]} | " + " | ".join(cells) + " |")
     out.append("")
+    tar = {(r["method"], r["eval_resolution"]): r["tar_far1e-2"] for r in rows
+           if r["set"] == s and r.get("tar_far1e-2") is not None}
+    if tar:  # face verification: the second metric (askd_jax.evaluate.verification.tar_at_far)
+      out += [f"TAR (%) at FAR 1e-2 on `{s}`, all pairs at once", "", *head]
+      out += [f"| {METHOD_NAMES[m]} | " + " | ".join(
+          f"{100 * tar[(m, c)]:.2f}" if (m, c) in tar else "" for c in res) + " |"
+          for m in methods]
+      out.append("")
   if meta.get("elapsed_s") is not None:
     out.append(f"Total wall time: {meta['elapsed_s'] / 60:.1f} min on {meta.get('machine', '?')}.")
   return "\n".join(out) + "\n"
@@ -80,38 +87,26 @@ def plot(rows, path: str, ylabel: str | None = None) -> None:
   plt.close(fig)
 
 
-def aggregate_runs(workdirs: List[str]) -> str:
-  """Mean +- std over runs (e.g. seeds) of each (method, resolution, set): a markdown table.
-
-  Reads each run's results.json; the std is over runs (ddof=0), not over folds.
-  """
-  import numpy as np
-  per: Dict[tuple, List[float]] = {}
-  for wd in workdirs:
-    with open(os.path.join(wd, "results.json")) as f:
-      for r in json.load(f)["rows"]:
-        per.setdefault((r["method"], r["eval_resolution"], r["set"]), []).append(r["accuracy"])
-  sets = sorted({k[2] for k in per})
-  res = sorted({k[1] for k in per}, key=_res_key)
-  out = []
-  for s in sets:
-    out += [f"`{s}`, mean +- std over {len(workdirs)} runs of the 10-fold mean accuracy (%)", ""]
-    out.append("| method | " + " | ".join(f"{c} px" if c != "HR" else "HR" for c in res) + " |")
-    out.append("|---|" + "---|" * len(res))
-    for m in METHOD_NAMES:
-      if not any(k[0] == m for k in per):
-        continue
-      cells = []
-      for c in res:
-        v = per.get((m, c, s))
-        cells.append(f"{100 * np.mean(v):.2f} +- {100 * np.std(v):.2f} (n={len(v)})" if v else "")
-      out.append(f"| {METHOD_NAMES[m]} | " + " | ".join(cells) + " |")
-    out.append("")
-  return "\n".join(out)
+def aggregate_runs(workdirs: List[str], out_dir: str | None = None) -> str:
+  """Several runs (seeds, splits) of one config: mean [95 % t interval] over runs of each
+  (method, resolution, set, metric) and each method's paired difference to `none` within
+  a run (askd_jax/stats.py). out_dir: also write results.md/.json/.png there."""
+  from askd_jax import stats
+  if out_dir:
+    return stats.write_report(out_dir, workdirs, METHOD_NAMES)
+  return stats.markdown(stats.summarize(stats.load_runs(workdirs)), METHOD_NAMES)
 
 
 if __name__ == "__main__":
   import sys
-  if len(sys.argv) < 2:
-    raise SystemExit("usage: python -m askd_jax.report WORKDIR [WORKDIR ...]  (mean +- std over runs)")
-  print(aggregate_runs(sys.argv[1:]))
+  args = sys.argv[1:]
+  out = None
+  if args[:1] == ["--out"] and len(args) > 1:
+    out, args = args[1], args[2:]
+  if not args:
+    raise SystemExit("usage: python -m askd_jax.report [--out DIR] WORKDIR [WORKDIR ...]  "
+                     "(mean [95 % CI] over runs, paired differences to `none`)")
+  try:
+    print(aggregate_runs(args, out))
+  except FileNotFoundError as e:
+    raise SystemExit(f"error: {e}")

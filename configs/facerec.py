@@ -4,6 +4,8 @@ Presets
   demo      (default) a small iResNet-CBAM on the ORL faces that ship with the project (28 people
             to train on, 12 unseen people for verification), 56 px input, students at 7 and
             14 px (8x and 4x down-sampling, the paper's 14 and 28 px at 112). CPU, minutes.
+  compare   the demo's model on 4 identity splits x 2 seeds, methods none/askd/at/fkd/horkd at
+            7 and 14 px; a report of 95 % intervals and paired differences (docs/compare.md).
   casia     the paper's recipe: iResNet50-CBAM, CASIA-WebFace (insightface RecordIO),
             batch 128, SGD lr 0.1 (x0.1 at epochs 6, 11, 15, 17 of 20), students at 14/28/56 px,
             A-SKD weight 5.0; verification on LFW / AgeDB-30 / CFP-FP .bin files.
@@ -94,6 +96,21 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     c.student.sizes = (7, 14)
+  elif preset == "compare":
+    # The demo's model and recipe, all five methods, over identity splits x seeds: one workdir
+    # per (split, seed) under --workdir (each a full demo-style run sharing one teacher), then
+    # a report with 95 % intervals over runs and paired differences to `none`
+    # (askd_jax/stats.py). Fewer runs / less time:
+    #   --config.grid.splits=0,1 --config.grid.seeds=0 --config.train.epochs=15
+    c = get_config("demo")
+    c.preset = "compare"
+    c.student.methods = ("none", "askd", "at", "fkd", "horkd")  # the papers' default weights
+    c.data.split = 0               # set per run by the grid: test people of split k of 4
+    c.data.num_splits = 4          # 4 disjoint groups of 10 test people, the other 30 train
+    c.data.all_pairs = True        # all 450 genuine test pairs and 450 impostor pairs
+    c.grid = ml_collections.ConfigDict()
+    c.grid.splits = (0, 1, 2, 3)
+    c.grid.seeds = (0, 1)
   elif preset == "casia":
     c.data.name = "insightface"
     c.data.dataset = "casia"
@@ -104,5 +121,5 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
     c.data.verification = ()
     c.student.sizes = (24,)
   else:
-    raise ValueError(f"preset {preset!r} is unknown; use demo, casia or tinyface")
+    raise ValueError(f"preset {preset!r} is unknown; use demo, compare, casia or tinyface")
   return c

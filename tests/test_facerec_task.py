@@ -56,7 +56,7 @@ def test_loss_is_cross_entropy_and_accuracy():
   assert float(terms["accuracy"]) == 0.5
 
 
-def test_aggregate_runs_mean_and_std(tmp_path):
+def test_aggregate_runs_mean_and_t_interval(tmp_path):
   import json
   from askd_jax.report import aggregate_runs
   dirs = []
@@ -68,4 +68,5 @@ def test_aggregate_runs_mean_and_std(tmp_path):
     (d / "results.json").write_text(json.dumps({"rows": rows}))
     dirs.append(str(d))
   md = aggregate_runs(dirs)
-  assert "| Student, A-SKD | 85.00 +- 5.00 (n=2) |" in md
+  # mean +- t(0.975, 1 df) * sd / sqrt(2) = 85 +- 12.706 * 5 (askd_jax/stats.py)
+  assert "| Student, A-SKD | 85.00 [21.47, 148.53] (n=2) |" in md

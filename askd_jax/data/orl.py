@@ -20,6 +20,10 @@ Examples are stored in (person, photo) order (shuffling disabled), so indices ar
 
 Verification pairs are not stored: `make_verification_pairs` computes them deterministically
 at load from the test labels (cheap, and any pair count can be asked for without rebuilding).
+
+Other identity splits (the compare preset): `load_demo(split=k, num_splits=n)` re-splits the
+same 400 stored photos in memory: split k tests on people perm[k*40/n:(k+1)*40/n] of the
+same seeded permutation and trains on the other people, so n splits have disjoint test people.
 """
 from __future__ import annotations
 
@@ -75,6 +79,38 @@ def split_people(seed: int = SPLIT_SEED,
   """(train people, test people): sorted ORL subject numbers (1-based), disjoint."""
   perm = stable_permutation(NUM_PEOPLE, seed) + 1
   return np.sort(perm[:num_train]), np.sort(perm[num_train:])
+
+
+def identity_split(split: int, num_splits: int,
+                   seed: int = SPLIT_SEED) -> Tuple[np.ndarray, np.ndarray]:
+  """(train people, test people) of split `split` of `num_splits` disjoint test groups."""
+  if not isinstance(num_splits, int) or not 2 <= num_splits <= NUM_PEOPLE // 2:
+    raise ValueError(f"config.data.num_splits={num_splits!r} must be an integer in "
+                     f"[2, {NUM_PEOPLE // 2}] (each split tests on 40/num_splits people)")
+  if not isinstance(split, int) or not 0 <= split < num_splits:
+    raise ValueError(f"config.data.split={split!r} must be -1 (the demo's fixed 28/12 split) "
+                     f"or an integer in [0, {num_splits}) (num_splits={num_splits})")
+  perm = stable_permutation(NUM_PEOPLE, seed) + 1
+  k = NUM_PEOPLE // num_splits
+  test = perm[split * k:(split + 1) * k]
+  return np.sort(np.setdiff1d(perm, test)), np.sort(test)
+
+
+class ArraySource:
+  """A random-access source over in-memory records (the same dict layout as the tfds one)."""
+
+  def __init__(self, records: Dict[str, np.ndarray]):
+    self._r = records
+    self._n = len(next(iter(records.values())))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int) -> Dict[str, Any]:
+    return {k: v[i] for k, v in self._r.items()}
+
+  def __repr__(self) -> str:
+    return f"ArraySource(len={self._n})"
 
 
 def to_square(gray: np.ndarray, size: int) -> np.ndarray:
@@ -156,6 +192,16 @@ class OrlFaces(tfds.core.GeneratorBasedBuilder):
             "label": label, "person": int(person), "photo": photo}
 
 
+def all_pairs_count(labels: Sequence[int], folds: int = 10) -> int:
+  """The most balanced pairs the labels allow: every genuine pair and as many impostor pairs
+  (rounded down to a multiple of 2*folds). 10 people x 10 photos: 450 + 450 = 900."""
+  labels = np.asarray(labels)
+  i, j = np.triu_indices(len(labels), k=1)
+  same = int(np.sum(labels[i] == labels[j]))
+  half = min(same, len(i) - same)
+  return 2 * (half // folds * folds)
+
+
 def make_verification_pairs(labels: Sequence[int], num_pairs: int, folds: int = 10,
                             seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Balanced verification pairs in `folds` equal folds, in order.
@@ -206,9 +252,29 @@ def _stack(source) -> Dict[str, np.ndarray]:
   }
 
 
+def _resplit(train: Dict[str, np.ndarray], test: Dict[str, np.ndarray], split: int,
+             num_splits: int) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+  """The stored 28/12 records re-split by `identity_split`; labels renumbered per side."""
+  both = {k: np.concatenate([train[k], test[k]]) for k in train}
+  order = np.lexsort((both["photo"], both["person"]))  # (person, photo) order, as stored
+  both = {k: v[order] for k, v in both.items()}
+  out = []
+  for people in identity_split(split, num_splits):
+    keep = np.isin(both["person"], people)
+    side = {k: v[keep] for k, v in both.items()}
+    side["label"] = np.searchsorted(people, side["person"]).astype(np.int32)
+    out.append(side)
+  return out[0], out[1]
+
+
 def load_demo(data_dir: str | None = None, image_size: int = 112, num_pairs: int = 600,
-              folds: int = 10, pair_seed: int = 0) -> Dict[str, Any]:
+              folds: int = 10, pair_seed: int = 0, split: int = -1,
+              num_splits: int = 4) -> Dict[str, Any]:
   """Everything the demo needs, preparing the dataset on first use.
+
+  split -1: the stored 28/12 split. split k >= 0: split k of `num_splits` (identity_split);
+  then `train` is an in-memory ArraySource and num_classes = 40 - 40 // num_splits.
+  num_pairs 0: every genuine test pair and as many impostor pairs (all_pairs_count).
 
   Returns a dict:
     train, test           tfds ArrayRecord data sources (records: image, label, person, photo)
@@ -222,6 +288,15 @@ def load_demo(data_dir: str | None = None, image_size: int = 112, num_pairs: int
   builder = prepare(data_dir, image_size)
   train_src, test_src = builder.as_data_source("train"), builder.as_data_source("test")
   train, test = _stack(train_src), _stack(test_src)
+  num_classes = NUM_TRAIN_PEOPLE
+  if split != -1:
+    train, test = _resplit(train, test, split, num_splits)
+    train_src = ArraySource({k: (v.astype(np.int64) if k != "image" else v)
+                             for k, v in train.items()})
+    test_src = ArraySource(test)
+    num_classes = len(np.unique(train["person"]))
+  if num_pairs == 0:
+    num_pairs = all_pairs_count(test["label"], folds)
   idx1, idx2, issame = make_verification_pairs(test["label"], num_pairs, folds, pair_seed)
   return {
       "train": train_src, "test": test_src,
@@ -229,6 +304,6 @@ def load_demo(data_dir: str | None = None, image_size: int = 112, num_pairs: int
       "test_images": test["image"], "test_labels": test["label"],
       "test_person": test["person"],
       "pairs": {"idx1": idx1, "idx2": idx2, "issame": issame},
-      "num_classes": NUM_TRAIN_PEOPLE,
+      "num_classes": num_classes,
       "builder": builder,
   }

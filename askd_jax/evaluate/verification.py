@@ -141,3 +141,23 @@ def verification_accuracy(emb1: Any, emb2: Any, issame: Any, nfolds: int = 10,
     accs[i] = accuracy_at(scores[test], positive[test], thrs[i])
   return {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
           "accuracies": accs, "thresholds": thrs}
+
+
+def tar_at_far(emb1: Any, emb2: Any, issame: Any, far: float = 1e-2) -> float:
+  """True accept rate at a false accept rate <= `far`, over all pairs at once (no folds).
+
+  Scores are the cosines of `fold_scores` centred on the mean of every pair's embeddings (no
+  labels used). The threshold t is the impostor score with floor(far * n_impostor) impostor
+  scores above it; a pair is accepted when its score > t, so the realised FAR is
+  floor(far * n) / n <= far. With 450 impostor pairs and far 1e-2: 4 false accepts allowed.
+  """
+  emb1, emb2 = _as_float(emb1, "emb1"), _as_float(emb2, "emb2")
+  positive = _positive_mask(issame, emb1.shape[0])
+  if not 0 < far < 1:
+    raise ValueError(f"far={far!r} must be in (0, 1)")
+  if positive.all() or not positive.any():
+    raise ValueError("TAR@FAR needs genuine and impostor pairs; issame holds only one kind")
+  scores = fold_scores(emb1, emb2, np.ones(emb1.shape[0], bool))
+  neg = np.sort(scores[~positive])[::-1]  # descending
+  t = neg[int(np.floor(far * neg.size))]
+  return float(np.mean(scores[positive] > t))

@@ -90,14 +90,16 @@ class FaceRecTask(Task):
     return np.concatenate(out)
 
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
-    from askd_jax.evaluate.verification import verification_accuracy
+    from askd_jax.evaluate.verification import tar_at_far, verification_accuracy
     results = {}
     for vs in self.data["verification"]:
       emb = self.embeddings(model, variables, vs["images"], sizes,
                             batch=self.cfg.eval.get("batch_size", 64))
       r = verification_accuracy(emb[vs["idx1"]], emb[vs["idx2"]], vs["issame"],
                                 nfolds=10, fold_ids=vs.get("fold_ids"))
-      results[vs["name"]] = {"accuracy": float(r["mean"]), "std": float(r["std"])}
+      results[vs["name"]] = {"accuracy": float(r["mean"]), "std": float(r["std"]),
+                             "tar_far1e-2": tar_at_far(emb[vs["idx1"]], emb[vs["idx2"]],
+                                                       vs["issame"], 1e-2)}
     if "tinyface" in self.data:  # rank-k identification, flip-averaged L2-normalised embeddings
       from askd_jax.evaluate.identification import rank_k
       emb = {}
@@ -118,7 +120,8 @@ def load_face_data(dcfg) -> Dict[str, Any]:
   if name == "orl":
     from askd_jax.data import orl
     d = orl.load_demo(dcfg.get("data_dir") or None, dcfg.image_size,
-                      num_pairs=dcfg.get("num_pairs", 600))
+                      num_pairs=0 if dcfg.get("all_pairs") else dcfg.get("num_pairs", 600),
+                      split=dcfg.get("split", -1), num_splits=dcfg.get("num_splits", 4))
     ver = [{"name": "orl_test", "images": d["test_images"], "idx1": d["pairs"]["idx1"],
             "idx2": d["pairs"]["idx2"], "issame": d["pairs"]["issame"]}]
     return {"train": d["train"], "num_classes": d["num_classes"], "verification": ver}
