@@ -3,37 +3,29 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.data.image_size=28", "--config.model.width=0.125",
-        "--config.model.embedding_dim=32", "--config.train.steps=4",
-        "--config.train.batch_size=8", "--config.train.log_every=2",
-        "--config.train.checkpoint_every=2", "--config.student.sizes=7,",
-        "--config.student.methods=none,askd", "--config.data.num_pairs=200",
-        "--config.jax_cache_dir="]
+from conftest import TINY_FACEREC, run_main
 
 
 def _main(workdir, *extra, data_dir):
-  cmd = [sys.executable, "-m", "askd_jax.main", "--config=configs/facerec.py",
-         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *TINY, *extra]
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  return run_main(workdir, *TINY_FACEREC, f"--config.data.data_dir={data_dir}", *extra)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  wd = tmp_path_factory.mktemp("run") / "wd"
-  data = tmp_path_factory.mktemp("tfds")
-  r = _main(wd, data_dir=data)
-  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-  return wd, data, r
+@pytest.fixture
+def tiny_run(tiny_facerec_run, tmp_path):
+  """A private copy of the session's tiny run (conftest.py), for tests that run the CLI in it
+  again: the shared one stays as it was for the other tests."""
+  src, data, stdout = tiny_facerec_run
+  wd = tmp_path / "wd"
+  shutil.copytree(src, wd)
+  return wd, data, stdout
 
 
-def test_stages_report_and_logs(tiny_run):
-  wd, _, r = tiny_run
+def test_stages_report_and_logs(tiny_facerec_run):
+  wd, _, stdout = tiny_facerec_run
   for stage in ("teacher", "student_none_7px", "student_askd_7px"):
     assert os.path.exists(wd / stage / "DONE")
     spec = json.loads((wd / stage / "model.json").read_text())
@@ -45,7 +37,7 @@ def test_stages_report_and_logs(tiny_run):
     assert 0.0 <= row["accuracy"] <= 1.0 and row["std"] >= 0.0
   md = (wd / "results.md").read_text()
   assert "| Student, A-SKD |" in md and "| Teacher (HR-trained) |" in md
-  assert "Student, A-SKD" in r.stdout  # the table is printed
+  assert "Student, A-SKD" in stdout  # the table is printed
   assert (wd / "results.png").stat().st_size > 1000
   events = [f for _, _, fs in os.walk(wd / "tensorboard") for f in fs if "tfevents" in f]
   assert len(events) == 3

@@ -1,16 +1,15 @@
-"""The notebooks and the attention CLI, run end to end on a tiny run this module trains.
+"""The notebooks and the attention CLI, run end to end on a tiny trained run.
 
-The run (28 px ORL, width 0.125, 4 steps per stage, one 7 px student per method) takes a
-few minutes on 2 CPU cores; both notebooks are then executed headless with nbclient on a
-kernel of this very interpreter (a kernelspec written into a temp dir, so a clean venv with
-ipykernel installed is enough), the workdir injected papermill-style after the cell tagged
-`parameters`.
+The run (conftest.py's `tiny_facerec_run`: 28 px ORL, width 0.125, 4 steps per stage, one
+7 px student per method) is trained once per test session; both notebooks are then executed
+headless with nbclient on a kernel of this very interpreter (a kernelspec written into a
+temp dir, so a clean venv with ipykernel installed is enough), the workdir injected
+papermill-style after the cell tagged `parameters`.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -23,28 +22,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-  """Trained once per session, even with pytest-xdist: the workers share the parent of their
-  base temp dirs and take turns on a file lock; whoever comes second finds results.json."""
-  import fcntl
-  base = tmp_path_factory.getbasetemp()
-  shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "askd_tiny_run"
-  shared.mkdir(exist_ok=True)
-  workdir = str(shared / "run")
-  with open(shared / "lock", "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not os.path.exists(os.path.join(workdir, "results.json")):
-        cmd = [sys.executable, "-m", "askd_jax.main", "--config=configs/facerec.py",
-               f"--workdir={workdir}", "--config.data.image_size=28",
-               "--config.model.width=0.125", "--config.train.steps=4",
-               "--config.train.batch_size=8", "--config.student.sizes=7,",
-               f"--config.jax_cache_dir={shared / 'xla'}",
-               f"--config.data.data_dir={shared / 'tfds'}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+def tiny_run(tiny_facerec_run):
+  """The session's tiny CLI run (conftest.py), shared with tests/test_main.py."""
+  workdir = str(tiny_facerec_run[0])
   for stage in ("teacher", "student_none_7px", "student_askd_7px"):
     assert os.path.exists(os.path.join(workdir, stage, "DONE")), stage
   return workdir
