@@ -259,7 +259,18 @@ def run(cfg, workdir: str, overwrite: bool = False) -> List[Dict[str, Any]]:
   """Train every stage (or resume), evaluate them, write the report; returns the rows.
   SIGTERM/SIGINT during the call raise `stop.Preempted` at the next safe point."""
   with stop.handling():
-    return _run(cfg, workdir, overwrite)
+    try:
+      return _run(cfg, workdir, overwrite)
+    finally:  # in-process callers: the next run logs to its own workdir
+      _log_close()
+
+
+def _log_close() -> None:
+  global _log_handler
+  if _log_handler is not None:
+    logging.getLogger().removeHandler(_log_handler)
+    _log_handler.close()
+    _log_handler = None
 
 
 def _run(cfg, workdir: str, overwrite: bool) -> List[Dict[str, Any]]:
@@ -343,9 +354,7 @@ def _log_to(workdir: str) -> None:
   """INFO and above (phase markers, warnings, full traces of failures) to WORKDIR/run.log."""
   global _log_handler
   root = logging.getLogger()
-  if _log_handler is not None:
-    root.removeHandler(_log_handler)
-    _log_handler.close()
+  _log_close()
   _log_handler = logging.FileHandler(os.path.join(workdir, LOG_FILE))
   _log_handler.setLevel(logging.INFO)
   _log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -357,13 +366,43 @@ def _log_to(workdir: str) -> None:
   log.info("command: %s", " ".join(sys.argv))
 
 
+class MetricWriter:
+  """The train loop's one metric writer: WORKDIR/<stage>/metrics.jsonl always (one JSON line
+  per logged step; a resumed run appends, the last line of a step wins), and TensorBoard
+  events under WORKDIR/tensorboard/<stage> where tensorboardX is installed."""
+
+  def __init__(self, path: str, tensorboard=None):
+    self.path, self.tb, self._rows = path, tensorboard, {}
+
+  def add_scalar(self, tag: str, value, step: int) -> None:
+    self._rows.setdefault(int(step), {})[tag.rsplit("/", 1)[-1]] = float(value)
+    if self.tb is not None:
+      self.tb.add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    if self._rows:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      with open(self.path, "a") as f:
+        for step in sorted(self._rows):
+          f.write(json.dumps({"step": step, **self._rows[step]}, sort_keys=True) + "\n")
+      self._rows = {}
+    if self.tb is not None:
+      self.tb.flush()
+
+  def close(self) -> None:
+    self.flush()
+    if self.tb is not None:
+      self.tb.close()
+
+
 def _tensorboard(workdir):
   def factory(stage_name):
     try:
       from tensorboardX import SummaryWriter
+      tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage_name))
     except ImportError:
-      return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard", stage_name))
+      tb = None
+    return MetricWriter(os.path.join(workdir, stage_name, "metrics.jsonl"), tb)
   return factory
 
 
@@ -388,7 +427,7 @@ def main(argv):
         raise UsageError(f"--eval_sizes={_SIZES.value} only applies with --evaluate=MODEL_DIR; "
                          "a training run evaluates each student at config.student.sizes")
       else:
-        run(cfg, workdir, _OVERWRITE.value)
+        _run(cfg, workdir, _OVERWRITE.value)  # keeps run.log open for the failure's trace
   except BaseException as e:  # the one place a failure becomes one line and an exit status
     _close_progress_bars()
     code, line = describe_failure(e, cfg, workdir)
@@ -398,8 +437,9 @@ def main(argv):
       print(line)
       sys.exit(0)
     trace = "".join(traceback.format_exception(e))
-    if _log_handler is not None:
-      log.error("%s\n%s", line, trace)
+    if _log_handler is not None:  # the file only: the terminal gets the one line below
+      _log_handler.handle(logging.LogRecord("askd_jax", logging.ERROR, __file__, 0, "%s\n%s",
+                                            (line, trace), None))
     if code == 1 and not isinstance(e, KNOWN) and not isinstance(e, OSError):
       line += (f" (full trace in {os.path.join(workdir, LOG_FILE)})" if _log_handler is not None
                else " (--verbose prints the full trace)")

@@ -327,6 +327,8 @@ def test_nan_stop_names_step_and_terms_keeps_last_good_then_skip_counts(common, 
   assert sorted(terms) == ["distill_loss", "grad_norm", "loss", "task_loss"], terms
   assert not np.isfinite(float(terms["loss"]))
   assert max(s for _, s in ckpt_steps(w)) == bad - 1  # nothing saved from the bad step on
+  log = (w / "run.log").read_text()  # the full trace goes to the workdir's log, not stderr
+  assert "Traceback" in log and "NonFiniteError" in log and "phase compile teacher" in log
   last = final_arrays(w / "teacher")
   assert int(last["__step__"]) == bad - 1 and int(last["['bad_steps']"]) == 0
   assert all(np.isfinite(v).all() for k, v in last.items() if v.dtype.kind == "f")

@@ -126,10 +126,12 @@ def test_a_signal_at_every_phase_is_honoured_and_the_run_ends_bit_identical(refe
     assert msg.startswith(f"{signal.Signals(sig).name} received"), msg
     assert msg.endswith("run the same command again to resume"), msg
     assert not (w / "results.json").exists(), f"results written after a stop at {phase}"
-    if phase == "step":
+    if phase == "step" and int(detail.split()[1]) < STEPS:
       stage, step = detail.split()
       # the step after the marker finished and was saved (the state is never lost)
       assert f"stage {stage} stopped after step {int(step) + 1} and saved a checkpoint" in msg
+    elif phase == "step":  # after the last step: the stage finished, evaluation stops
+      assert f"stopped during evaluate {detail.split()[0]} " in msg, msg
   print(f"{len(deliveries)} deliveries: {deliveries}")
   assert len(deliveries) >= 20, deliveries
   assert {p for p, _, _ in deliveries} >= {"start", "guard", "data", "prepare", "build",
@@ -141,6 +143,11 @@ def test_a_signal_at_every_phase_is_honoured_and_the_run_ends_bit_identical(refe
     assert all(np.array_equal(a[k], b[k]) for k in a), stage
   rows = lambda d: json.loads((d / "results.json").read_text())["rows"]
   assert rows(w) == rows(ref_dir)
+  # metrics.jsonl beside TensorBoard: every logged step (log_every=2), the same numbers
+  metrics = lambda d: {r["step"]: r for r in map(json.loads, (d / "teacher" /
+                                                               "metrics.jsonl").open())}
+  assert sorted(metrics(ref_dir)) == [2, 4, 6]
+  assert metrics(w)[STEPS]["loss"] == metrics(ref_dir)[STEPS]["loss"]
 
 
 def test_signals_at_random_moments_are_honoured(reference, tmp_path):

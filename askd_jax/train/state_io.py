@@ -66,8 +66,8 @@ def newest_meta_value(ckdir: str, key: str):
 
 @contextlib.contextmanager
 def _quiet_libraries():
-  """Orbax and tensorstore log a failed read at length (thousands of lines of traceback for
-  a truncated step); the fallback below says it in one line per step set aside."""
+  """Orbax and tensorstore log a failed read or write at length (thousands of lines of
+  traceback for a truncated step); the callers say it in one line."""
   import io
   import sys
   loggers = [logging.getLogger(n) for n in ("orbax", "absl", "tensorstore", "jax")]
@@ -106,10 +106,11 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_state: Optional[byte
   meta = dict(meta, state_hash=state_hash(state), data_hash=data_hash(data["iterator"]))
   if meta["state_hash"] is not None and hasattr(state, "params"):
     meta["params_hash"] = params_hash(state.params)  # checked when loaded as a teacher
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         data=ocp.args.JsonSave(data),
-                                         meta=ocp.args.JsonSave(meta)), force=force)
-  mgr.wait_until_finished()
+  with _quiet_libraries():  # a failed write (disk full) is reported once, by the caller
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           data=ocp.args.JsonSave(data),
+                                           meta=ocp.args.JsonSave(meta)), force=force)
+    mgr.wait_until_finished()
   return True
 
 
