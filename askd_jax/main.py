@@ -323,6 +323,7 @@ def _run(cfg, workdir: str, overwrite: bool) -> List[Dict[str, Any]]:
               "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, "
                          f"{jax.devices()[0].platform} x{jax.device_count()}",
               "jax": jax.__version__, "caption": getattr(task, "report_caption", None)}
+      stop.check("report")  # the last safe point: after it the results are complete
       png = os.path.join(workdir, "results.png")
       if os.path.exists(png):  # an old plot must not pass for this run's
         os.unlink(png)
