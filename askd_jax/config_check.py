@@ -240,6 +240,10 @@ def check_teacher(cfg, path: str, distilling: bool = True) -> None:
   """The teacher model directory exists, its model.json reads, and it is the architecture
   (task, input size, and for distillation the blocks, width and embedding) the student needs."""
   from askd_jax.train.checkpoint import read_spec
+  if os.path.isfile(path):
+    _fail(f"config.student.teacher={path!r} is a file, not a model directory; convert a "
+          "PyTorch checkpoint first (python -m askd_jax.tools.convert --net=FILE --out=DIR) "
+          "and give DIR")
   if not os.path.isdir(path):
     _fail(f"config.student.teacher={path!r} does not exist; give a trained teacher stage "
           "directory (WORKDIR/teacher) or a converted checkpoint (askd_jax.tools.convert)")
@@ -250,6 +254,10 @@ def check_teacher(cfg, path: str, distilling: bool = True) -> None:
   if not isinstance(tspec, dict):
     _fail(f"config.student.teacher={path!r}: model.json holds a {type(tspec).__name__}, not "
           "a model spec; re-export the teacher")
+  if tspec.get("kind") == "student":
+    _fail(f"config.student.teacher={path!r} is a student ({tspec.get('method')}, "
+          f"{'/'.join(map(str, tspec.get('sizes') or []))} px), not a teacher; point it at a "
+          "high-resolution teacher (WORKDIR/teacher or a converted checkpoint)")
   m = cfg.model
   mine = {"task": cfg.get("task", "facerec"), "input_size": cfg.data.image_size,
           "arch": "iresnet_cbam", "blocks": _blocks({"stage_sizes": m.get("stage_sizes"),

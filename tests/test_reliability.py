@@ -327,6 +327,8 @@ def test_nan_stop_names_step_and_terms_keeps_last_good_then_skip_counts(common, 
   assert sorted(terms) == ["distill_loss", "grad_norm", "loss", "task_loss"], terms
   assert not np.isfinite(float(terms["loss"]))
   assert max(s for _, s in ckpt_steps(w)) == bad - 1  # nothing saved from the bad step on
+  log = (w / "run.log").read_text()  # the full trace goes to the workdir's log, not stderr
+  assert "Traceback" in log and "NonFiniteError" in log and "phase compile teacher" in log
   last = final_arrays(w / "teacher")
   assert int(last["__step__"]) == bad - 1 and int(last["['bad_steps']"]) == 0
   assert all(np.isfinite(v).all() for k, v in last.items() if v.dtype.kind == "f")
@@ -376,7 +378,8 @@ def test_workdir_guard_overwrite_moves_old_run_aside(tmp_path):
   c = get_config("demo")
   c.train.checkpoint_every, c.train.nan_policy, c.jax_cache_dir = 7, "skip", "/elsewhere"
   main.guard_workdir(str(w), c, overwrite=False)  # same run: only how it is checkpointed differs
-  with pytest.raises(SystemExit, match="holds a run with another config"):
+  from askd_jax.workdir import WorkdirError
+  with pytest.raises(WorkdirError, match="holds a run with another config"):
     main.guard_workdir(str(w), b, overwrite=False)
   main.guard_workdir(str(w), b, overwrite=True)
   old = glob.glob(str(tmp_path / "w.old-*"))
@@ -401,3 +404,78 @@ def test_student_resume_refuses_a_changed_teacher(ref_run, common, tmp_path):
                    r"\w+\), but student\.teacher now loads .*params hash \w+\); restore that "
                    r"teacher", line), line
   assert not (w / STAGES[1] / "DONE").exists()
+
+
+# --- issue 21: a finished workdir under other configs, corrupt steps, --evaluate -----------------
+
+def _stderr_ok(err: str) -> None:
+  """No traceback, at most 3 lines besides progress bars and our own warnings."""
+  assert "Traceback" not in err, err[-3000:]
+  lines = [l for l in err.splitlines() if l.strip() and "it/s" not in l and "s/it" not in l]
+  assert len(lines) <= 3, err[-3000:]
+
+
+@pytest.mark.slow
+def test_other_config_without_config_json_is_refused_and_writes_nothing(ref_run, common,
+                                                                        tmp_path):
+  """Case 2 via the CLI: bug put back (guard reading config.json only): exit 0 with the old
+  models' table printed as the new width's, config.json rewritten."""
+  w = tmp_path / "w"
+  shutil.copytree(ref_run, w)
+  (w / "config.json").unlink()
+  rc, out, err = run_cli(_cmd(w, common, "--config.model.width=0.25"), tmp_path, "other")
+  assert rc == 1, err[-3000:]
+  line = one_error_line(err)
+  assert re.search(rf"{w}/\S+ was trained with another config \(hash \w+, recorded in "
+                   rf"{w}/\S+; this run's is \w+\); run it with the config it was trained "
+                   "with", line), line
+  _stderr_ok(err)
+  assert not (w / "config.json").exists() and "Teacher" not in out
+  rc, out, err = run_cli(_cmd(w, common), tmp_path, "same")  # the original command still runs
+  assert rc == 0, err[-3000:]
+  assert json.loads((w / "results.json").read_text())["rows"] == json.loads(
+      (ref_run / "results.json").read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_truncated_newest_step_is_one_warning_line(ref_run, common, tmp_path):
+  """Case 7: every array file of the newest step truncated printed 12,090 lines (orbax's
+  asyncio callbacks); now one warning per step set aside, and the run resumes."""
+  w = tmp_path / "w"
+  shutil.copytree(ref_run, w)
+  st = w / STAGES[1]
+  for f in ("DONE", "eval.json", "model.json"):
+    (st / f).unlink()
+  for f in (st / "checkpoints" / str(STEPS) / "state").rglob("*"):
+    if f.is_file() and "/d/" in str(f):
+      f.write_bytes(f.read_bytes()[:10])
+  rc, out, err = run_cli(_cmd(w, common), tmp_path, "truncated")
+  assert rc == 0, err[-3000:]
+  assert len(re.findall(rf"checkpoint step {STEPS} in \S+ is unreadable", err)) == 1, err[-3000:]
+  _stderr_ok(err)
+  assert_same_final(ref_run, w)
+
+
+@pytest.mark.slow
+def test_evaluate_other_input_size_and_read_only_model_dir(ref_run, common, tmp_path):
+  """Case 8: --evaluate on a model of another input size (a shape traceback before), and on
+  a model directory that cannot be written (eval.json) still prints the results."""
+  rc, out, err = run_cli(_cmd(tmp_path / "unused", common, f"--evaluate={ref_run / 'teacher'}",
+                              "--config.data.image_size=32"), tmp_path, "size")
+  assert rc == 2
+  assert one_error_line(err) == (f"error: {ref_run / 'teacher'} holds a model for 16 px input, "
+                                 "but config.data.image_size is 32; pass "
+                                 "--config.data.image_size=16 (or the config it was trained "
+                                 "with)")
+  _stderr_ok(err)
+  d = tmp_path / "teacher"
+  shutil.copytree(ref_run / "teacher", d)
+  (d / "eval.json").unlink()
+  os.chmod(d, 0o555)
+  try:
+    rc, out, err = run_cli(_cmd(tmp_path / "unused", common, f"--evaluate={d}"), tmp_path, "ro")
+  finally:
+    os.chmod(d, 0o755)
+  assert rc == 0, err[-3000:]
+  assert "orl_test" in json.loads(out[out.index("{"):])["HR"]
+  _stderr_ok(err)

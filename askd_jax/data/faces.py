@@ -251,6 +251,11 @@ def read_image_list(list_file: str, root: str) -> List[Tuple[str, int]]:
         raise ValueError(f"{list_file} line {n}: {line[:80]!r} is not 'path  label'") from None
   if not entries:
     raise ValueError(f"{list_file}: empty list file")
+  n_ids = len({label for _, label in entries})
+  for n, (_, label) in enumerate(entries, 1):  # labels in [0, identities), before any reading
+    if not 0 <= label < n_ids:
+      raise ValueError(f"{list_file} line {n}: label {label} is outside [0, {n_ids}) (the list "
+                       f"names {n_ids} identities); number the identities 0..{n_ids - 1}")
   strip = _find_strip(entries[0][0], root)
   if strip is None:
     raise FileNotFoundError(f"{list_file} line 1: {entries[0][0]} not found as written nor under "
@@ -375,11 +380,22 @@ class _LabelledFaces(_FaceBuilder, skip_registration=True):
   def _labelled_examples(self, split: str, items, count_identities: bool = True):
     """items: (key, label, encoded image, where (for errors), source); corrupt images go by
     the on_corrupt policy; the identities kept are counted into the metadata."""
-    labels = set()
-    for key, label, img, where, source in items:
+    from askd_jax import stop
+    labels, seen, top = set(), set(), (-1, "")
+    for n, (key, label, img, where, source) in enumerate(items):
+      if n % 256 == 0:  # a safe point for SIGTERM/SIGINT (tfds drops the unfinished files)
+        stop.check(f"data preparation ({split} {where})")
+      if count_identities:  # labels in [0, identities): checked before anything trains
+        if label < 0:
+          raise ValueError(f"{where}: label {label} is negative; identity labels are 0, 1, ...")
+        seen.add(label)
+        top = max(top, (label, where))
       if self._checked(split, where, img):
         labels.add(label)
         yield key, {"image": img, "label": label, "source": source}
+    if count_identities and top[0] >= len(seen):
+      raise ValueError(f"{top[1]}: label {top[0]} is outside [0, {len(seen)}) (the {split} split "
+                       f"has {len(seen)} identities); number the identities 0..{len(seen) - 1}")
     if count_identities:
       self.info.metadata["num_classes"] = max(labels) + 1 if labels else 0
       self.info.metadata["num_identities"] = len(labels)
@@ -469,12 +485,21 @@ class FaceVerification(_FaceBuilder):
     images, issame = read_verification_bin(path)
     folds = verification_folds(len(issame))
     name = os.path.basename(path)
+    from askd_jax import stop
     for i in range(len(issame)):
+      if i % 256 == 0:
+        stop.check(f"data preparation ({path} pair {i})")
       a, b = images[2 * i], images[2 * i + 1]
       # A pair cannot be dropped without shifting the folds: 'skip' is treated as 'error'.
       if self._on_corrupt != "keep":
-        decode_image(a, None, f"{name} image {2 * i}")
-        decode_image(b, None, f"{name} image {2 * i + 1}")
+        for k, img in ((2 * i, a), (2 * i + 1, b)):
+          try:
+            decode_image(img, None, f"{path} image {k}")
+          except CorruptImageError as e:
+            raise CorruptImageError(
+                str(e).split("; re-export")[0] + "; a verification pair cannot be skipped "
+                "(the folds would shift): use an intact .bin, or prepare with "
+                "--on_corrupt=keep to keep it as it is") from None
       yield i, {"image1": a, "image2": b, "is_same": bool(issame[i]), "fold": int(folds[i]),
                 "index": i}
     self.info.metadata["num_pairs"] = len(issame)

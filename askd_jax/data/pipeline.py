@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
+import threading
+import time
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 import grain.python as grain
@@ -30,10 +33,51 @@ Record = Dict[str, Any]
 DEFAULT_KEYS = ("image", "label")
 
 
+def _watch_parent(parent_pid: int, every_s: float = 0.5) -> None:
+  """In a loader worker process: exit when the process that made the loader is gone (killed
+  with SIGKILL, its workers would otherwise live on under PID 1, holding their memory)."""
+  first_ppid = os.getppid()
+
+  def gone() -> bool:
+    if os.getppid() != first_ppid:  # re-parented: the parent died
+      return True
+    try:
+      os.kill(parent_pid, 0)
+    except ProcessLookupError:
+      return True
+    except PermissionError:
+      pass
+    return False
+
+  def watch():
+    while not gone():
+      time.sleep(every_s)
+    os._exit(0)
+  threading.Thread(target=watch, name="askd-parent-watch", daemon=True).start()
+
+
+_watching = set()
+
+
+def _format_record(keys, parent_pid):
+  """Unpickling a loader's operations in a worker process also starts the parent watch."""
+  if os.getpid() != parent_pid and parent_pid not in _watching:
+    _watching.add(parent_pid)
+    _watch_parent(parent_pid)
+  return FormatRecord(tuple(keys), parent_pid)
+
+
 @dataclasses.dataclass(frozen=True)
 class FormatRecord(grain.MapTransform):
-  """Keep `keys`; image -> uint8, label -> int32, mask -> bool, others as numpy arrays."""
+  """Keep `keys`; image -> uint8, label -> int32, mask -> bool, others as numpy arrays.
+
+  Every loader ends its records with this transform, so its unpickling in a grain worker
+  process is where the worker learns to exit with its parent (`_watch_parent`)."""
   keys: Sequence[str] = DEFAULT_KEYS
+  parent_pid: int = dataclasses.field(default_factory=os.getpid, compare=False)
+
+  def __reduce__(self):
+    return _format_record, (tuple(self.keys), self.parent_pid)
 
   def map(self, record: Record) -> Record:
     missing = [k for k in self.keys if k not in record]

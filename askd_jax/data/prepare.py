@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from askd_jax import stop
 from askd_jax.data import faces
 
 FLAGS = flags.FLAGS
@@ -42,7 +43,11 @@ def main(argv):
         raise app.UsageError("--bin_file names one .bin: prepare one --dataset at a time")
       kwargs["bin_file"] = FLAGS.bin_file
     try:
-      b = faces.prepare(dataset, FLAGS.manual_dir, FLAGS.data_dir, **kwargs)
+      with stop.handling():
+        b = faces.prepare(dataset, FLAGS.manual_dir, FLAGS.data_dir, **kwargs)
+    except stop.Preempted as e:  # SIGTERM/SIGINT: tfds writes to a temporary folder first
+      print(f"prepare --dataset={dataset}: {e}")
+      raise SystemExit(0) from None
     except (OSError, ValueError) as e:  # one line naming the file, no traceback
       raise SystemExit(f"prepare --dataset={dataset}: {e}") from None
     splits = {k: v.num_examples for k, v in b.info.splits.items()}

@@ -44,9 +44,11 @@ def prepare_once(make: Callable[[], B], data_dir: str, lock_name: str,
                  manual_dir: Optional[str] = None) -> B:
   """`make()` prepared as array_record (from `manual_dir`'s files if given; nothing is
   downloaded), written by one process under `data_dir/lock_name`; returns a fresh builder."""
+  from askd_jax import stop
   builder = make()
   if builder.is_prepared():
     return builder
+  stop.at("prepare", lock_name)
   os.makedirs(data_dir, exist_ok=True)
   with file_lock(os.path.join(data_dir, lock_name)):
     builder = make()  # another process may have written it while this one waited
@@ -56,4 +58,5 @@ def prepare_once(make: Callable[[], B], data_dir: str, lock_name: str,
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
                                                        try_download_gcs=False))
       builder = make()
+  stop.at("prepared", lock_name)
   return builder

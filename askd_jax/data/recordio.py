@@ -69,8 +69,13 @@ def unpack_header(buf: bytes, where: str = "record") -> Tuple[IRHeader, bytes]:
 def read_idx(path: str) -> Dict[int, int]:
   """The .idx file: {key: offset} in file order."""
   out: Dict[int, int] = {}
-  with open(path, "r") as f:
-    for n, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("ascii")
+      except UnicodeDecodeError:
+        raise RecordIOError(f"{path} line {n}: not text (an .idx holds 'key<TAB>offset' "
+                            "lines); pass the .idx written with the .rec") from None
       line = line.strip()
       if not line:
         continue

@@ -362,8 +362,14 @@ def load_torch_state(path: str) -> Dict[str, Array]:
     raise ConvertError(f"{path}: not a PyTorch checkpoint that torch.load(weights_only=True) "
                        f"can read ({type(e).__name__}: {msg[:160]})") from e
   state = _unwrap(obj, path)
-  return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
-          for k, v in state.items()}
+  out = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+         for k, v in state.items()}
+  for k, v in out.items():  # a corrupted weight would only show as NaN at evaluation
+    if v.dtype.kind in "fc" and not np.isfinite(v).all():
+      bad = int(v.size - np.isfinite(v).sum())
+      raise ConvertError(f"{path}: tensor {k!r} holds {bad} non-finite value(s) (NaN/Inf) of "
+                         f"{v.size}; the checkpoint is corrupt, use an intact copy")
+  return out
 
 
 def output_size(input_size: int) -> int:

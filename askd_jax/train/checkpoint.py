@@ -31,6 +31,10 @@ def write_spec(path: str, spec: Dict[str, Any]) -> None:
 
 def read_spec(path: str) -> Dict[str, Any]:
   f = os.path.join(path, SPEC_FILE)
+  if not os.path.exists(f) and os.path.isdir(os.path.join(path, "checkpoints")):
+    raise FileNotFoundError(
+        f"{path} is a training stage that has not finished (checkpoints/ but no {SPEC_FILE} "
+        "yet); run its training command again to finish it, or point at a finished stage")
   if not os.path.exists(f):
     raise FileNotFoundError(
         f"{path}: no {SPEC_FILE} here, so this is not an askd_jax model directory; "
@@ -41,6 +45,17 @@ def read_spec(path: str) -> Dict[str, Any]:
       return json.load(fh)
     except json.JSONDecodeError as e:
       raise ValueError(f"{f}: not valid JSON ({e}); restore it or re-export the model") from e
+
+
+def check_model_dir(path: str, what: str = "model directory ") -> None:
+  """A one-line FileNotFoundError unless `path` is a directory (a .ckpt file: convert it)."""
+  if os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{what}{path} is a file, not a model directory; convert a PyTorch checkpoint first: "
+        "python -m askd_jax.tools.convert --net=FILE --out=DIR, then give DIR")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{what}{path} does not exist; give a stage directory "
+                            "(WORKDIR/teacher) or a directory written by askd_jax.tools.convert")
 
 
 def export_model(path: str, variables: Dict[str, Any], spec: Dict[str, Any],
@@ -62,9 +77,7 @@ def export_model(path: str, variables: Dict[str, Any], spec: Dict[str, Any],
 def load_model(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   """Load (variables, spec) from an exported model or a training stage directory."""
   path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"model directory {path} does not exist; check the path "
-                            "(teacher.checkpoint / --checkpoint)")
+  check_model_dir(path)
   spec = read_spec(path)
   vdir = os.path.join(path, "variables")
   if os.path.isdir(vdir):  # replicated on this run's devices, whatever layout wrote it

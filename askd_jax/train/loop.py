@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import time
 from typing import Optional, Sequence
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from askd_jax import distill as distill_lib
+from askd_jax import stop
 from askd_jax.data import degrade as degrade_lib
 from askd_jax.train import checkpoint as ckpt_lib
 from askd_jax.train import sharding as shd
@@ -42,34 +42,42 @@ class Stage:
     return "HR" if self.kind == "teacher" else "/".join(str(s) for s in self.sizes)
 
 
-class Preempted(Exception):
-  """SIGTERM/SIGINT: the step finished, a checkpoint was written, resume by re-running."""
+Preempted = stop.Preempted  # SIGTERM/SIGINT honoured; re-running the command resumes
 
 
 class NonFiniteError(RuntimeError):
   pass
 
 
-class _SignalFlag:
-  def __init__(self):
-    self.caught = None
-
-  def __enter__(self):
-    self._old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    for s in self._old:
-      signal.signal(s, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.caught = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for s, h in self._old.items():
-      signal.signal(s, h)
+class StageConfigError(ValueError):
+  """A stage directory holds a model trained with another config."""
 
 
 def stage_done(workdir: str, stage: Stage) -> bool:
   return os.path.exists(os.path.join(workdir, stage.name, DONE))
+
+
+def stage_config_hash(stage_dir: str):
+  """(config hash the stage was trained with, the file that says so), or (None, None) when
+  the directory holds no stage (or one written before the hash was stored)."""
+  spec_path = os.path.join(stage_dir, ckpt_lib.SPEC_FILE)
+  if os.path.exists(os.path.join(stage_dir, DONE)) and os.path.exists(spec_path):
+    try:
+      with open(spec_path) as f:
+        return json.load(f).get("config_hash"), spec_path
+    except (OSError, ValueError, AttributeError):
+      return None, None
+  return state_io.newest_meta_value(os.path.join(stage_dir, "checkpoints"), "config_hash")
+
+
+def check_stage_config(stage_dir: str, want: str) -> None:
+  """Refuse a stage (finished or not) that was trained with another config than `want`."""
+  got, where = stage_config_hash(stage_dir)
+  if got is not None and got != want:
+    raise StageConfigError(
+        f"{stage_dir} was trained with another config (hash {got}, recorded in {where}; this "
+        f"run's is {want}); run it with the config it was trained with, or use another "
+        "--workdir (or --overwrite to move the old run aside)")
 
 
 def _schedule(tcfg, steps_per_epoch, total_steps):
@@ -82,11 +90,20 @@ def _schedule(tcfg, steps_per_epoch, total_steps):
 
 def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=True,
                 writer_factory=None) -> str:
-  """Train one stage to completion (or resume it). Returns the stage directory."""
+  """Train one stage to completion (or resume it). Returns the stage directory. A SIGTERM /
+  SIGINT finishes the step, saves it and raises Preempted (see askd_jax/stop.py)."""
+  with stop.handling():
+    return _train_stage(cfg, task, stage, workdir, mesh=mesh, progress=progress,
+                        writer_factory=writer_factory)
+
+
+def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, writer_factory) -> str:
   stage_dir = os.path.join(workdir, stage.name)
+  check_stage_config(stage_dir, cfg_hash(cfg))
   if stage_done(workdir, stage):
     log.info("stage %s already finished; skipping", stage.name)
     return stage_dir
+  stop.at("build", stage.name)
   mesh = mesh or shd.make_mesh()
   tcfg = cfg.train
   n_dev = mesh.devices.size
@@ -163,6 +180,7 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
                             distill_fn=distill_fn, distill_cfg=dcfg, degrade_fn=degrade_fn)
   jstep = shd.jit_train_step(step_fn, mesh, state_sh)  # batch split on 'data', state as state_sh
 
+  stop.at("compile", stage.name)
   loader = task.train_loader(gbatch, seed=seed + _stage_salt(stage.name))
   it = iter(loader)
   if data_state is not None:  # this process's position (mapped if the process count changed)
@@ -183,51 +201,53 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
     _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
     state_io.save(mgr, step, state, shd.gather_iterator_states(it.get_state()), meta)
 
-  with _SignalFlag() as sig:
-    step = int(state.step)
-    while step < total_steps:
-      batch = shd.global_batch(next(it), bshard)
-      t0 = time.time()
-      state, metrics = jstep(state, teacher_vars, batch)
-      step += 1
-      # A stop signal may reach one host only, or hosts at different steps: all processes
-      # agree on it after every step, so they save the same step together (a save is
-      # collective) instead of one waiting forever in it.
-      stop = shd.any_process(sig.caught is not None)
-      if compile_s is None:
-        jax.block_until_ready(metrics)
-        compile_s = time.time() - t0
-        last_t, last_step = time.time(), step
-      if step % log_every == 0 or step == total_steps or stop:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.time()
-        m["images_per_s"] = (step - last_step) * gbatch / max(now - last_t, 1e-9)
-        last_t, last_step = now, step
-        _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
-        if bar is not None:
-          bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m.get('accuracy', float('nan')):.3f}",
-                          img_s=f"{m['images_per_s']:.1f}")
-        if writer is not None:
-          for k, v in m.items():
-            writer.add_scalar(f"{stage.name}/{k}", v, step)
-          writer.flush()
+  step = int(state.step)
+  while step < total_steps:
+    batch = shd.global_batch(next(it), bshard)
+    t0 = time.time()
+    state, metrics = jstep(state, teacher_vars, batch)
+    step += 1
+    # A stop signal may reach one host only, or hosts at different steps: all processes
+    # agree on it after every step, so they save the same step together (a save is
+    # collective) instead of one waiting forever in it.
+    stopping = shd.any_process(stop.requested() is not None)
+    if compile_s is None:
+      jax.block_until_ready(metrics)
+      compile_s = time.time() - t0
+      last_t, last_step = time.time(), step
+    if step % log_every == 0 or step == total_steps or stopping:
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      now = time.time()
+      m["images_per_s"] = (step - last_step) * gbatch / max(now - last_t, 1e-9)
+      last_t, last_step = now, step
+      _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
       if bar is not None:
-        bar.update(1)
-      if ck_every and step % ck_every == 0 and step < total_steps:
-        save(step)
-      if stop:
-        save(step)
-        if bar is not None:
-          bar.close()
-        why = f"{sig.caught} received" if sig.caught else "another process received a stop signal"
-        raise Preempted(f"{why}: stage {stage.name} stopped after step {step} "
-                        f"and saved a checkpoint in {stage_dir}; run the same command again to "
-                        "resume")
-    if int(state.step) not in mgr.all_steps():
-      save(int(state.step))
+        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m.get('accuracy', float('nan')):.3f}",
+                        img_s=f"{m['images_per_s']:.1f}")
+      if writer is not None:
+        for k, v in m.items():
+          writer.add_scalar(f"{stage.name}/{k}", v, step)
+        writer.flush()
+    if bar is not None:
+      bar.update(1)
+    if ck_every and step % ck_every == 0 and step < total_steps:
+      save(step)
+    if stopping:
+      save(step)
+      if bar is not None:
+        bar.close()
+      why = (f"{stop.requested()} received" if stop.requested()
+             else "another process received a stop signal")
+      raise Preempted(f"{why}: stage {stage.name} stopped after step {step} "
+                      f"and saved a checkpoint in {stage_dir}; run the same command again to "
+                      "resume")
+    stop.notify("step", f"{stage.name} {step}")
+  if int(state.step) not in mgr.all_steps():
+    save(int(state.step))
   if bar is not None:
     bar.close()
   spec = dict(task.spec(), stage=stage.name, kind=stage.kind, method=stage.method,
+              config_hash=meta["config_hash"],
               sizes=list(stage.sizes), compile_seconds=compile_s,
               trained_steps=total_steps, resumed_from=start_step)
   if meta.get("teacher"):

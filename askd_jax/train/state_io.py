@@ -13,6 +13,9 @@ to `<step>.unreadable-<time>` and the previous step is restored instead, with a 
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import time
@@ -39,6 +42,51 @@ def manager(ckdir: str, keep: int = 2, read_only: bool = False) -> ocp.Checkpoin
                                item_names=("state", "data", "meta"))
 
 
+def data_hash(data_state) -> str:
+  """Hash of the iterator position saved beside the state (an edited position is refused)."""
+  text = data_state.decode() if isinstance(data_state, bytes) else json.dumps(data_state)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def newest_meta_value(ckdir: str, key: str):
+  """(meta[key] of the newest step that has a readable meta item, its file), or (None, None);
+  read as plain JSON, without restoring anything."""
+  if not os.path.isdir(ckdir):
+    return None, None
+  for step in sorted((int(n) for n in os.listdir(ckdir) if n.isdigit()), reverse=True):
+    path = os.path.join(ckdir, str(step), "meta", "metadata")
+    try:
+      with open(path) as f:
+        value = json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+      continue
+    return value, path
+  return None, None
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+  """Orbax and tensorstore log a failed read or write at length (thousands of lines of
+  traceback for a truncated step); the callers say it in one line."""
+  import io
+  import sys
+  loggers = [logging.getLogger(n) for n in ("orbax", "absl", "tensorstore", "jax")]
+  old = [l.level for l in loggers]
+  for l in loggers:
+    l.setLevel(logging.CRITICAL)
+  # Orbax's asyncio callbacks print "RuntimeError: Event loop is closed" tracebacks straight
+  # to sys.stderr when a read fails: kept for the log file (INFO) instead of the terminal.
+  err, sys.stderr = sys.stderr, io.StringIO()
+  try:
+    yield
+  finally:
+    captured, sys.stderr = sys.stderr.getvalue(), err
+    for l, lv in zip(loggers, old):
+      l.setLevel(lv)
+    if captured.strip():
+      log.info("output of the libraries while reading a checkpoint:\n%s", captured)
+
+
 def state_hash(state) -> Optional[str]:
   """Hash of every array of the state, or None where this process cannot see them all."""
   leaves = jax.tree.leaves(state)
@@ -55,13 +103,14 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_state: Optional[byte
   if step in mgr.all_steps():
     return False
   data = {"iterator": data_state.decode() if isinstance(data_state, bytes) else data_state}
-  meta = dict(meta, state_hash=state_hash(state))
+  meta = dict(meta, state_hash=state_hash(state), data_hash=data_hash(data["iterator"]))
   if meta["state_hash"] is not None and hasattr(state, "params"):
     meta["params_hash"] = params_hash(state.params)  # checked when loaded as a teacher
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                         data=ocp.args.JsonSave(data),
-                                         meta=ocp.args.JsonSave(meta)), force=force)
-  mgr.wait_until_finished()
+  with _quiet_libraries():  # a failed write (disk full) is reported once, by the caller
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           data=ocp.args.JsonSave(data),
+                                           meta=ocp.args.JsonSave(meta)), force=force)
+    mgr.wait_until_finished()
   return True
 
 
@@ -119,20 +168,26 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state
                        f"optimiser than this run builds ({mismatch}); restore the config it "
                        "was trained with, or use a new --workdir")
     try:
-      out = mgr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
+      with _quiet_libraries():
+        out = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
       meta = dict(out["meta"] or {})
       want, got = meta.get("state_hash"), None
       if want is not None:
         got = state_hash(out["state"])
         if got is not None and got != want:
           raise ValueError(f"its arrays hash to {got}, but {want} was written")
+      it_want = meta.get("data_hash")
+      it_got = data_hash((out["data"] or {}).get("iterator"))
+      if it_want is not None and it_got != it_want:
+        raise ValueError(f"its data-iterator position hashes to {it_got}, but {it_want} was "
+                         "written")
     except Exception as e:  # corrupt or partial step: fall back to the previous one
       nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left"
       moved = _set_aside(mgr, step)
       log.warning("checkpoint step %d in %s is unreadable (%s: %s); %s%s", step, mgr.directory,
-                  type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "", nxt,
+                  type(e).__name__, _first_line(e), nxt,
                   f" (moved to {moved})" if moved else "")
       continue
     it = out["data"].get("iterator") if out["data"] else None
@@ -144,21 +199,27 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state
   return None
 
 
+def _first_line(e: BaseException) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[0][:200] if lines else ""
+
+
 def load_latest_variables(ckdir: str) -> Dict[str, Any]:
   """{'params', 'batch_stats'} of the newest readable step (for evaluation / as a teacher),
   replicated on this run's devices whatever process / device layout wrote the step."""
   mgr = manager(ckdir, read_only=True)
   for step in sorted(mgr.all_steps(), reverse=True):
     try:
-      st = restore_replicated(os.path.join(str(mgr.directory), str(step), "state"))
-      meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      with _quiet_libraries():
+        st = restore_replicated(os.path.join(str(mgr.directory), str(step), "state"))
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       variables = {"params": st["params"], "batch_stats": st["batch_stats"]}
       want = (meta or {}).get("params_hash")
       if want is not None and params_hash(variables["params"]) != want:
         raise ValueError("its parameters no longer match the hash written beside them")
     except Exception as e:
       log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying an older one", step,
-                  ckdir, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                  ckdir, type(e).__name__, _first_line(e))
       continue
     return variables
   raise FileNotFoundError(f"{ckdir}: no readable checkpoint; train that stage first")

@@ -1,0 +1,152 @@
+"""The workdir: one process at a time (a lock), one config (a guard that checks before it writes).
+
+* `Lock`: `fcntl.flock` on `WORKDIR/.lock`, which holds the owner's pid. The kernel releases
+  a flock when its process dies, so a lock left by a killed run is free; the pid still in the
+  file says who left it, and the new run prints that it took the lock over.
+* `guard`: `WORKDIR/config.json` holds the hash of the config fields that change what is
+  trained, and every stage records the hash it was trained with (`model.json` of a finished
+  stage, the `meta` item of each checkpoint step). Every check runs before anything is written,
+  so a refused run changes nothing and the original command still resumes.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from typing import Any, Optional
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirError(RuntimeError):
+  """The workdir is in use or holds another config's run (exit status 1)."""
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write; nothing is left behind when it fails (e.g. the disk is full)."""
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class Lock:
+  """One process per workdir. `acquire` raises WorkdirError when another live process holds it."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._f = None
+
+  @property
+  def path(self) -> str:
+    return os.path.join(self.workdir, LOCK_FILE)
+
+  def acquire(self) -> Optional[str]:
+    """Take the lock; returns a line to print when it took over a dead process's lock."""
+    import fcntl
+    os.makedirs(self.workdir, exist_ok=True)
+    f = open(self.path, "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        f.close()
+        raise
+      f.seek(0)
+      owner = f.read().strip() or "?"
+      f.close()
+      raise WorkdirError(
+          f"{self.workdir} is in use by process {owner} (it holds {self.path}); wait for that "
+          "run to finish or stop it, or use another --workdir") from None
+    f.seek(0)
+    left = f.read().strip()
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    self._f = f
+    if left.isdigit() and int(left) != os.getpid():
+      state = "no longer running" if not _alive(int(left)) else "no longer holding it"
+      return (f"took over the lock {self.path} left by process {left}, which is {state} "
+              "(a killed run); resuming")
+    return None
+
+  def release(self) -> None:
+    """Clear the pid (a clean exit leaves no stale owner) and unlock."""
+    if self._f is None:
+      return
+    import fcntl
+    try:
+      self._f.seek(0)
+      self._f.truncate()
+    except OSError:
+      pass
+    fcntl.flock(self._f, fcntl.LOCK_UN)
+    self._f.close()
+    self._f = None
+
+  def move(self, workdir: str) -> None:
+    """Hold the lock of `workdir` instead (after the old run was moved aside)."""
+    self.release()
+    self.workdir = workdir
+    self.acquire()
+
+
+def _stage_dirs(workdir: str):
+  for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
+    d = os.path.join(workdir, name)
+    if os.path.isdir(d) and (os.path.exists(os.path.join(d, "model.json"))
+                             or os.path.isdir(os.path.join(d, "checkpoints"))):
+      yield d
+
+
+def guard(workdir: str, cfg, overwrite: bool, lock: Optional[Lock] = None) -> None:
+  """Refuse to mix two configs' runs in one workdir unless asked to start afresh; writes
+  config.json only after every check passed."""
+  from askd_jax.train.loop import StageConfigError, cfg_hash, check_stage_config
+  path = os.path.join(workdir, "config.json")
+  mine = {"config_hash": cfg_hash(cfg), "config": json.loads(cfg.to_json_best_effort())}
+  problem = None
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        old = json.load(f)
+      except json.JSONDecodeError:
+        old = {"config_hash": "unreadable"}
+    if old.get("config_hash") != mine["config_hash"]:
+      problem = (f"{workdir} holds a run with another config (hash {old.get('config_hash')} vs "
+                 f"{mine['config_hash']}); use another --workdir, or pass --overwrite to move "
+                 "the old run aside and start afresh")
+  if problem is None:
+    for d in _stage_dirs(workdir):  # config.json may be gone; each stage knows its config
+      try:
+        check_stage_config(d, mine["config_hash"])
+      except StageConfigError as e:
+        problem = str(e)
+        break
+  if problem is not None:
+    if not overwrite:
+      raise WorkdirError(problem)
+    backup = f"{workdir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(workdir, backup)
+    print(f"moved the previous run to {backup}")
+    if lock is not None:
+      lock.move(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  write_json(path, mine)
