@@ -22,6 +22,7 @@ class FaceRecTask(Task):
   def __init__(self, cfg):
     super().__init__(cfg)
     self.input_size = cfg.data.image_size
+    self._eval_sets = None  # eval_data() without the training set
 
   # --- data ------------------------------------------------------------------------------
   def load_data(self) -> Dict[str, Any]:
@@ -93,9 +94,9 @@ class FaceRecTask(Task):
   def eval_data(self) -> Dict[str, Any]:
     """The evaluation sets; without the training set when only evaluating (--evaluate)."""
     if self._data is None and self.cfg.data.name != "orl":
-      if getattr(self, "_eval_data", None) is None:
-        self._eval_data = _load_eval_sets(self.cfg.data)
-      return self._eval_data
+      if self._eval_sets is None:
+        self._eval_sets = _load_eval_sets(self.cfg.data)
+      return self._eval_sets
     return self.data
 
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
@@ -178,9 +179,8 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
   size = dcfg.image_size
   ver = []
   names = dcfg.get("verification", ())
-  if isinstance(names, str):  # --config.data.verification=lfw,agedb_30
-    names = [n.strip() for n in names.split(",") if n.strip()]
-  for name in names:
+  names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
+  for name in [n.strip() for v in names for n in str(v).split(",") if n.strip()]:
     d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size)
     n = len(d["is_same"])
     images = np.empty((2 * n,) + d["image1"].shape[1:], np.uint8)
