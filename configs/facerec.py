@@ -7,7 +7,8 @@ Presets
   compare   the demo's model on 4 identity splits x 2 seeds, methods none/askd/at/fkd/horkd at
             7 and 14 px; a report of 95 % intervals and paired differences (docs/compare.md).
   casia     the paper's recipe: iResNet50-CBAM, CASIA-WebFace (insightface RecordIO),
-            batch 128, SGD lr 0.1 (x0.1 at epochs 6, 11, 15, 17 of 20), students at 14/28/56 px,
+            batch 128, SGD lr 0.1 x0.1 from epochs 5, 10, 14, 16 (0-based) of 20 (the official
+            per-epoch rates, see train.lr_boundaries below), students at 14/28/56 px,
             A-SKD weight 5.0; verification on LFW / AgeDB-30 / CFP-FP .bin files.
   tinyface  the official TinyFace experiment: the casia teacher, a 24 px student evaluated by
             rank-k identification on TinyFace.
@@ -67,9 +68,13 @@ def _base(preset: str) -> ml_collections.ConfigDict:
   c.model.m = 0.5
 
   # The official recipe: SGD, Nesterov momentum 0.9, weight decay 5e-4 on every parameter,
-  # lr 0.1 x0.1 at epochs 6, 11, 15, 17 of 20.
+  # MultiStepLR(milestones=[6, 11, 15, 17]) stepped at the START of every epoch (before any
+  # optimizer step), so the per-epoch rates are 0.1 x5, 0.01 x5, 1e-3 x4, 1e-4 x2, 1e-5 x4:
+  # here lr_boundaries are the 0-based epochs where a rate starts, hence (5, 10, 14, 16).
+  # The plain reading of the milestones (0.1 x6, ..., 1e-5 x3) is
+  # --config.train.lr_boundaries=6,11,15,17. Pinned by tests/test_official_schedule.py.
   c.train = config_blocks.train(batch_size=128, epochs=20, lr=0.1, schedule="step",
-                                lr_boundaries=(6, 11, 15, 17), log_every=50,
+                                lr_boundaries=(5, 10, 14, 16), log_every=50,
                                 checkpoint_every=1000)
   c.student = config_blocks.student(sizes=(14, 28, 56), methods=("none", "askd"))
   c.distill = config_blocks.distill()

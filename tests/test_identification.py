@@ -57,11 +57,8 @@ def test_rank_k_rejects_distractor_probe_and_shape_mismatch():
     ident.rank_k(np.ones((2, 2)), [1], np.ones((1, 2)), [1])
 
 
-def test_flip_averaged_embeddings():
-  x = np.arange(2 * 1 * 3 * 1, dtype=np.float32).reshape(2, 1, 3, 1)  # (B, H, W, C)
-  embed = lambda b: np.stack([b[:, 0, 0, 0], b[:, 0, 1, 0] * 0 + 1.0], axis=1)  # (B, 2)
-  got = ident.flip_averaged_embeddings(embed, [x[:1], x[1:]])
-  # image 0 row [0, 1, 2]: (first + last) / 2 = 1, second coord 1 -> (1, 1)/sqrt(2)
-  # image 1 row [3, 4, 5]: 4, 1 -> (4, 1)/sqrt(17)
-  np.testing.assert_allclose(got, [[2 ** -0.5, 2 ** -0.5], [4 / 17 ** 0.5, 1 / 17 ** 0.5]],
-                             rtol=1e-6)
+def test_flip_average_of_flip_concat_embeddings():
+  e = np.array([[1.0, 2.0, 3.0, 6.0], [0.0, -2.0, 4.0, 2.0]], np.float32)  # (B, 2D), D = 2
+  np.testing.assert_array_equal(ident.flip_average(e), [[2.0, 4.0], [2.0, 0.0]])
+  with pytest.raises(ValueError, match="flip-concat"):
+    ident.flip_average(np.ones((2, 3)))

@@ -16,7 +16,9 @@ def test_step_schedule_boundaries_are_absolute_with_warmup():
   np.testing.assert_allclose(lrs[50:], 0.001, rtol=1e-5)
 
 
-def test_step_schedule_paper_recipe():
+def test_step_schedule_drops_at_the_boundary_epochs():
+  # lr *= 0.1 from the first step of each boundary epoch (the casia preset's official
+  # per-epoch rates are pinned against torch in tests/test_official_schedule.py)
   s = step_schedule(0.1, steps_per_epoch=100, boundaries_epochs=(6, 11, 15, 17))
   got = [float(s(e * 100)) for e in (0, 5, 6, 10, 11, 15, 17, 19)]
   np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-4, 1e-5, 1e-5], rtol=1e-5)

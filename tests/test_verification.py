@@ -193,3 +193,25 @@ def test_flip_concat_embed_numpy_and_jax():
   assert not np.array_equal(out[:, :4], out[:, 4:])
   out_j = V.flip_concat_embed(lambda im: embed(im), jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(out_j), out)
+
+
+def test_flip_concat_embed_flips_before_degrading():
+  """The official order (dataset/agedb.py): flip the HR image, then degrade each view. A
+  degradation that does not commute with the flip (keep the left half) tells the orders
+  apart."""
+  x = np.arange(2 * 1 * 4 * 1, dtype=np.float32).reshape(2, 1, 4, 1)
+  left = lambda im: np.repeat(im[:, :, :2], 2, axis=2)  # not flip-equivariant
+  out = V.flip_concat_embed(lambda im: im[:, 0, :, 0], x, degrade=left)
+  np.testing.assert_array_equal(out[:, 4:], left(x[:, :, ::-1])[:, 0, :, 0])
+  assert not np.array_equal(out[:, 4:], left(x)[:, :, ::-1][:, 0, :, 0])
+
+
+def test_deploy_threshold_is_the_sweep_on_plain_cosine_of_all_pairs():
+  # pairs at angles: cosines 1, 0.8, 0.6 (same person) and 0.2, -0.4 (different)
+  cos = np.array([1.0, 0.8, 0.6, 0.2, -0.4])
+  e1 = np.tile([[1.0, 0.0]], (5, 1)) * 3.0  # norms do not matter
+  e2 = np.stack([cos, np.sqrt(1 - cos ** 2)], axis=1)
+  issame = np.array([True, True, True, False, False])
+  np.testing.assert_allclose(V.cosine_scores(e1, e2), cos, atol=1e-6)
+  # every t in (0.2, 0.6) separates them; the grid's best are 0.2001 .. 0.5999 (mean 0.4)
+  assert V.deploy_threshold(e1, e2, issame) == pytest.approx(0.4, abs=1e-9)

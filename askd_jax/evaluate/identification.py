@@ -6,7 +6,7 @@ flip-averaged ((f(x) + f(flip x)) / 2) and L2-normalised; score = cosine. Like t
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 
@@ -18,15 +18,15 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def flip_averaged_embeddings(embed_fn: Callable[[np.ndarray], np.ndarray],
-                             batches: Iterable[np.ndarray]) -> np.ndarray:
-  """Normalised (f(x) + f(x flipped left-right)) / 2 over batches x: (B, H, W, C) NHWC."""
-  out = []
-  for x in batches:
-    x = np.asarray(x)
-    e = np.asarray(embed_fn(x), np.float32) + np.asarray(embed_fn(x[:, :, ::-1]), np.float32)
-    out.append(e / 2)
-  return l2_normalize(np.concatenate(out, axis=0))
+def flip_average(flip_concat: np.ndarray) -> np.ndarray:
+  """(f(x) + f(flip x)) / 2 from the flip-concat embeddings of
+  `verification.flip_concat_embed` (B, 2D) -> (B, D), as the official `test_tinyface.py`
+  fuses them (`rank_k` then L2-normalises, as its `calc_accuracy(do_norm=True)`)."""
+  e = np.asarray(flip_concat, np.float32)
+  if e.ndim != 2 or e.shape[1] % 2:
+    raise ValueError(f"flip_average needs (B, 2D) flip-concat embeddings, got shape {e.shape}")
+  d = e.shape[1] // 2
+  return (e[:, :d] + e[:, d:]) / 2
 
 
 def rank_k(probe_emb: np.ndarray, probe_labels: np.ndarray, gallery_emb: np.ndarray,
@@ -64,4 +64,4 @@ def rank_k(probe_emb: np.ndarray, probe_labels: np.ndarray, gallery_emb: np.ndar
   return {f"rank{k}": float(np.mean(ranks < k)) for k in ks}
 
 
-__all__ = ["rank_k", "flip_averaged_embeddings", "l2_normalize", "DISTRACTOR_LABEL"]
+__all__ = ["rank_k", "flip_average", "l2_normalize", "DISTRACTOR_LABEL"]

@@ -24,13 +24,20 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 
-def flip_concat_embed(embed_fn: Callable[[Any], Any], images: Any) -> Any:
-  """concat(embed(x), embed(horizontal flip of x)) on the last axis.
+def flip_concat_embed(embed_fn: Callable[[Any], Any], images: Any,
+                      degrade: Optional[Callable[[Any], Any]] = None) -> Any:
+  """concat(embed(D(x)), embed(D(flip x))) on the last axis: the official evaluation views.
 
+  The official loader (dataset/agedb.py) flips the high-resolution image first
+  (`cv2.flip(HR, 1)`) and then degrades each view separately; nearest resizing does not
+  commute with the flip, so the order matters. `degrade` (None: HR) must be the same
+  deterministic function for both views (with several sizes, the same key: the same size).
   images: (B, H, W, C) (numpy or jax); embed_fn: (B, H, W, C) -> (B, D). Returns (B, 2D).
   """
-  e = embed_fn(images)
-  e_flip = embed_fn(images[:, :, ::-1])
+  views = [images, images[:, :, ::-1]]
+  if degrade is not None:
+    views = [degrade(v) for v in views]
+  e, e_flip = (embed_fn(v) for v in views)
   if isinstance(e, np.ndarray):
     return np.concatenate([e, np.asarray(e_flip)], axis=-1)
   import jax.numpy as jnp  # jax arrays stay on device
@@ -161,3 +168,21 @@ def tar_at_far(emb1: Any, emb2: Any, issame: Any, far: float = 1e-2) -> float:
   neg = np.sort(scores[~positive])[::-1]  # descending
   t = neg[int(np.floor(far * neg.size))]
   return float(np.mean(scores[positive] > t))
+
+
+def cosine_scores(emb1: Any, emb2: Any) -> np.ndarray:
+  """Plain cosine of each pair (no fold centring): what a user computes for two faces. (N,)"""
+  a = _as_float(emb1, "emb1")
+  b = _as_float(emb2, "emb2")
+  a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+  b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+  return np.sum(a * b, axis=1)
+
+
+def deploy_threshold(emb1: Any, emb2: Any, issame: Any, thr_num: int = 10000) -> float:
+  """A threshold to use outside the 10-fold protocol: the official sweep (same grid, mean of
+  the best thresholds) run once on ALL pairs of the set, on `cosine_scores` (plain cosine
+  of the L2-normalised flip-concat embeddings, NOT centred on a fold mean as the accuracy
+  protocol's scores are). Two faces match when their cosine is above it."""
+  scores = cosine_scores(emb1, emb2)
+  return sweep_thresholds(scores, _positive_mask(issame, scores.shape[0]), thr_num)

@@ -22,6 +22,7 @@ class FaceRecTask(Task):
   def __init__(self, cfg):
     super().__init__(cfg)
     self.input_size = cfg.data.image_size
+    self._eval_sets = None  # eval_data() without the training set
 
   # --- data ------------------------------------------------------------------------------
   def load_data(self) -> Dict[str, Any]:
@@ -59,20 +60,21 @@ class FaceRecTask(Task):
 
   # --- evaluation ------------------------------------------------------------------------
   def embed_fn(self, model, sizes=(), degrade_cfg=None):
-    """jitted (variables, uint8 images) -> concat(emb(x), emb(flip(x))), LR-degraded if sizes."""
+    """jitted (variables, uint8 images, key) -> flip-concat embeddings (B, 2D) of the
+    official evaluation: `verification.flip_concat_embed`, each view degraded to `sizes`
+    AFTER the flip (HR when sizes is empty)."""
+    from askd_jax.evaluate.verification import flip_concat_embed
     from askd_jax.train.loop import student_degrade_cfg
     deg = degrade_lib.make_degrade(student_degrade_cfg(degrade_cfg, sizes)) if sizes else None
 
     @jax.jit
     def embed(variables, images, key):
-      x = self.preprocess({"image": images})
-      if deg is not None:
-        x = deg(x, key)
-      both = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
-      (out, _), _ = self.forward(model, variables, both, {}, train=False)
-      e = out["embedding"].astype(jnp.float32)
-      n = images.shape[0]
-      return jnp.concatenate([e[:n], e[n:]], axis=-1)
+      def net(x):
+        (out, _), _ = self.forward(model, variables, x, {}, train=False)
+        return out["embedding"].astype(jnp.float32)
+      # one key for both views: with several sizes each image and its flip get the same one
+      return flip_concat_embed(net, self.preprocess({"image": images}),
+                               None if deg is None else (lambda x: deg(x, key)))
 
     return embed
 
@@ -89,26 +91,37 @@ class FaceRecTask(Task):
       out.append(np.asarray(embed(variables, chunk, jax.random.fold_in(key, i)))[:batch - pad])
     return np.concatenate(out)
 
+  def eval_data(self) -> Dict[str, Any]:
+    """The evaluation sets; without the training set when only evaluating (--evaluate)."""
+    if self._data is None and self.cfg.data.name != "orl":
+      if self._eval_sets is None:
+        self._eval_sets = _load_eval_sets(self.cfg.data)
+      return self._eval_sets
+    return self.data
+
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
-    from askd_jax.evaluate.verification import tar_at_far, verification_accuracy
+    """Per set {'accuracy', 'std'} (10-fold, official) and, for verification sets, the
+    'threshold' of `verification.deploy_threshold` and 'tar_far1e-2'; TinyFace rank-k as tinyface_rankK."""
+    from askd_jax.evaluate import identification, verification
+    data = self.eval_data()
+    batch = self.cfg.eval.get("batch_size", 64)
     results = {}
-    for vs in self.data["verification"]:
-      emb = self.embeddings(model, variables, vs["images"], sizes,
-                            batch=self.cfg.eval.get("batch_size", 64))
-      r = verification_accuracy(emb[vs["idx1"]], emb[vs["idx2"]], vs["issame"],
-                                nfolds=10, fold_ids=vs.get("fold_ids"))
+    for vs in data["verification"]:
+      emb = self.embeddings(model, variables, vs["images"], sizes, batch=batch)
+      e1, e2 = emb[vs["idx1"]], emb[vs["idx2"]]
+      r = verification.verification_accuracy(e1, e2, vs["issame"], nfolds=10,
+                                             fold_ids=vs.get("fold_ids"))
       results[vs["name"]] = {"accuracy": float(r["mean"]), "std": float(r["std"]),
-                             "tar_far1e-2": tar_at_far(emb[vs["idx1"]], emb[vs["idx2"]],
-                                                       vs["issame"], 1e-2)}
-    if "tinyface" in self.data:  # rank-k identification, flip-averaged L2-normalised embeddings
-      from askd_jax.evaluate.identification import rank_k
-      emb = {}
-      for sp, d in self.data["tinyface"].items():
-        e = self.embeddings(model, variables, d["image"], sizes)
-        half = e.shape[-1] // 2
-        emb[sp] = (e[:, :half] + e[:, half:]) / 2
-      r = rank_k(emb["probe"], self.data["tinyface"]["probe"]["label"], emb["gallery"],
-                 self.data["tinyface"]["gallery"]["label"])
+                             "threshold": verification.deploy_threshold(e1, e2, vs["issame"]),
+                             "tar_far1e-2": verification.tar_at_far(e1, e2, vs["issame"], 1e-2)}
+    if "tinyface" in data:
+      # Native low-resolution images, never degraded whatever the student's size
+      # (official test_tinyface.py); flip-averaged, L2-normalised, gallery with distractors.
+      tf = data["tinyface"]
+      emb = {sp: identification.flip_average(
+          self.embeddings(model, variables, d["image"], (), batch=batch)) for sp, d in tf.items()}
+      r = identification.rank_k(emb["probe"], tf["probe"]["label"], emb["gallery"],
+                                tf["gallery"]["label"])
       for k, v in r.items():
         results[f"tinyface_{k}"] = {"accuracy": float(v), "std": None}
     return results
@@ -156,11 +169,20 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
   if not num_classes:
     raise ValueError(f"{b.data_dir}: the prepared set records no num_classes; prepare it again "
                      "with python -m askd_jax.data.prepare")
+  return {"train": train, "num_classes": num_classes,
+          "train_transforms": faces.decode_transforms(size, dcfg.get("on_corrupt", "error")),
+          **_load_eval_sets(dcfg)}
+
+
+def _load_eval_sets(dcfg) -> Dict[str, Any]:
+  """{'verification': [pair sets], optional 'tinyface': {'probe', 'gallery'}} (prepared)."""
+  from askd_jax.data import faces
+  data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
+  size = dcfg.image_size
   ver = []
   names = dcfg.get("verification", ())
-  if isinstance(names, str):  # --config.data.verification=lfw,agedb_30
-    names = [n.strip() for n in names.split(",") if n.strip()]
-  for name in names:
+  names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
+  for name in [n.strip() for v in names for n in str(v).split(",") if n.strip()]:
     d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size)
     n = len(d["is_same"])
     images = np.empty((2 * n,) + d["image1"].shape[1:], np.uint8)
@@ -168,9 +190,10 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
     ver.append({"name": name, "images": images, "idx1": np.arange(0, 2 * n, 2),
                 "idx2": np.arange(1, 2 * n, 2), "issame": d["is_same"].astype(bool),
                 "fold_ids": d["fold"]})
-  out = {"train": train, "num_classes": num_classes, "verification": ver,
-         "train_transforms": faces.decode_transforms(size, dcfg.get("on_corrupt", "error"))}
+  out = {"verification": ver}
   if dcfg.get("tinyface"):
+    # Decoded at the model's input size: AdaFace's aligned TinyFace is already 112x112, so
+    # at the paper's size this is no resize (and never a student degradation).
     out["tinyface"] = {sp: _decode_all(faces.data_source("tinyface", sp, data_dir), ("image",),
                                        size) for sp in ("probe", "gallery")}
   return out
