@@ -136,6 +136,7 @@ def guard_workdir(workdir: str, cfg, overwrite: bool) -> None:
 def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
   """Evaluate a model directory at each resolution; cached in STAGE/eval.json."""
   import jax.numpy as jnp
+  from askd_jax.train import loop
   from askd_jax.train.checkpoint import load_model
   cache_path = os.path.join(stage_dir, "eval.json")
   cache = {}
@@ -148,7 +149,10 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
   for sizes in sizes_list:
     key = "HR" if not sizes else "/".join(map(str, sizes))
     if key not in cache:
+      t = time.time()
       cache[key] = task.evaluate(model, variables, tuple(sizes))
+      loop.record(stage_dir, event="eval", resolution=key, seconds=time.time() - t,
+                  sets={k: v.get("seconds") for k, v in cache[key].items()})
     out[key] = cache[key]
   import jax
   if jax.process_index() == 0:  # several hosts: one writer

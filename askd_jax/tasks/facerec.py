@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Dict
 
 import jax
@@ -93,11 +94,13 @@ class FaceRecTask(Task):
     from askd_jax.evaluate.verification import verification_accuracy
     results = {}
     for vs in self.data["verification"]:
+      t = time.time()
       emb = self.embeddings(model, variables, vs["images"], sizes,
                             batch=self.cfg.eval.get("batch_size", 64))
       r = verification_accuracy(emb[vs["idx1"]], emb[vs["idx2"]], vs["issame"],
                                 nfolds=10, fold_ids=vs.get("fold_ids"))
-      results[vs["name"]] = {"accuracy": float(r["mean"]), "std": float(r["std"])}
+      results[vs["name"]] = {"accuracy": float(r["mean"]), "std": float(r["std"]),
+                             "seconds": time.time() - t}
     if "tinyface" in self.data:  # rank-k identification, flip-averaged L2-normalised embeddings
       from askd_jax.evaluate.identification import rank_k
       emb = {}
