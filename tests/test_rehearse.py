@@ -97,3 +97,33 @@ def test_rehearsal_of_each_preset_resumes_bit_identically(preset, tmp_path):
   model = json.loads((out / "workdir" / victim / "model.json").read_text())
   assert model["resumed_from"] == 1 and model["trained_steps"] == 2
   assert f"## {victim}" in r.stdout
+
+
+def test_tinyface_evaluation_uses_the_eval_batch(monkeypatch):
+  """Found by the rehearsal: TinyFace embeddings ignored config.eval.batch_size and padded
+  every call to 64 images (x2 with the flip), 14x the work for its 9 images. With the fix
+  reverted (no batch= in FaceRecTask.evaluate's TinyFace loop) the calls see 64 and this fails."""
+  from askd_jax.config_check import normalize
+  from askd_jax.tasks.facerec import FaceRecTask
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import facerec as facerec_cfg  # pylint: disable=import-error
+  cfg = facerec_cfg.get_config("tinyface")
+  normalize(cfg)
+  cfg.eval.batch_size = 3
+  task = FaceRecTask(cfg)
+  rng = np.random.default_rng(0)
+  task._data = {"num_classes": 4, "verification": [], "tinyface": {
+      "probe": {"image": rng.integers(0, 255, (4, 8, 8, 3), np.uint8), "label": np.arange(4)},
+      "gallery": {"image": rng.integers(0, 255, (5, 8, 8, 3), np.uint8),
+                  "label": np.array([0, 1, 2, 3, -100])}}}
+  seen = []
+
+  def fake_embed_fn(model, sizes=(), degrade_cfg=None):
+    def embed(variables, images, key):
+      seen.append(len(images))
+      return images.reshape(len(images), -1)[:, :6].astype(np.float32)
+    return embed
+  monkeypatch.setattr(task, "embed_fn", fake_embed_fn)
+  res = task.evaluate(None, None, (24,))
+  assert seen and set(seen) == {3}
+  assert res["tinyface_rank1"]["accuracy"] >= 0

@@ -105,7 +105,8 @@ class FaceRecTask(Task):
       from askd_jax.evaluate.identification import rank_k
       emb = {}
       for sp, d in self.data["tinyface"].items():
-        e = self.embeddings(model, variables, d["image"], sizes)
+        e = self.embeddings(model, variables, d["image"], sizes,
+                            batch=self.cfg.eval.get("batch_size", 64))
         half = e.shape[-1] // 2
         emb[sp] = (e[:, :half] + e[:, half:]) / 2
       r = rank_k(emb["probe"], self.data["tinyface"]["probe"]["label"], emb["gallery"],
