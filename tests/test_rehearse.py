@@ -83,8 +83,8 @@ def test_rehearsal_of_each_preset_resumes_bit_identically(preset, tmp_path):
     got.setdefault(row["stage"], set()).add(row["set"])
   assert got == {s: sets for s in stages}, got
   for name, st in rep["stages"].items():
-    ends = [row["end"] for row in st["rows"] if row["end"]]
-    assert ends and all(e["timed_steps"] >= 1 and e["timed_seconds"] > 0 for e in ends), name
+    ends = [row["end"] for row in st["rows"] if row["end"]]  # a resumed 1-step run times none
+    assert any(e["timed_steps"] >= 1 and e["timed_seconds"] > 0 for e in ends), name
     assert st["checkpoint_bytes"] > 0
     evals = [e for row in st["rows"] for e in row["evals"]]
     assert evals, f"{name}: no evaluation recorded"
