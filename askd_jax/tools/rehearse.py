@@ -402,6 +402,9 @@ def main(argv):
   del argv
   if not _PRESET.value or not _OUT.value:
     raise app.UsageError("--preset and --out are required")
+  import logging  # orbax logs every restore at INFO in this process (load_model)
+  logging.getLogger().setLevel(logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     report = rehearse(_PRESET.value, _OUT.value, _STEPS.value, _BATCH.value, _EVAL_BATCH.value,
                       _DTYPE.value, _VERIFY.value, _TIMEOUT.value, _CACHE.value)
