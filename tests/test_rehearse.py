@@ -24,7 +24,7 @@ CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cac
 EXPECTED_SETS = {  # preset -> the killed student, the sets every stage is evaluated on
     "casia": ("student_askd_14px", {"lfw", "agedb_30", "cfp_fp"}),
     "imagenet": ("student_askd_112px", {"validation top-1", "validation top-5"}),
-    "widerface": ("student_askd_40px", {"val_easy", "val_medium", "val_hard"}),
+    "widerface": ("student_askd_40px", {"widerface_easy", "widerface_medium", "widerface_hard"}),
 }
 
 
