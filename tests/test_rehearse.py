@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -67,6 +68,13 @@ def test_rehearsal_of_each_preset_resumes_bit_identically(preset, tmp_path):
                       f"--out={out}", "--steps=2", "--batch=2", f"--jax_cache_dir={CACHE}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=3600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert f"## {EXPECTED_SETS[preset][0]}" in r.stdout
+  check_rehearsal(preset, out)
+
+
+def check_rehearsal(preset, out):
+  """The assertions on a finished rehearsal's OUT folder."""
+  out = pathlib.Path(out)
   rep = json.loads((out / "rehearsal.json").read_text())
   victim, sets = EXPECTED_SETS[preset]
   assert rep["killed"] == {"stage": victim, "after_checkpoint": 1}
@@ -96,7 +104,6 @@ def test_rehearsal_of_each_preset_resumes_bit_identically(preset, tmp_path):
   assert rows[1]["end"]["steps_run"] == 1 and rows[2]["end"]["steps_run"] == 2
   model = json.loads((out / "workdir" / victim / "model.json").read_text())
   assert model["resumed_from"] == 1 and model["trained_steps"] == 2
-  assert f"## {victim}" in r.stdout
 
 
 def test_tinyface_evaluation_uses_the_eval_batch(monkeypatch):
