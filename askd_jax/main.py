@@ -196,6 +196,7 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
   directory is writable)."""
   import jax
   import jax.numpy as jnp
+  from askd_jax.train import loop
   from askd_jax.train.checkpoint import load_model
   cache_path = os.path.join(stage_dir, "eval.json")
   cache = {}
@@ -218,8 +219,11 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
     key = "HR" if not sizes else "/".join(map(str, sizes))
     if key not in cache:
       stop.at("evaluate", f"{os.path.basename(stage_dir.rstrip('/'))} {key}")
+      t = time.time()
       with _stop_between_batches(task):
         cache[key] = task.evaluate(model, variables, tuple(sizes))
+      loop.record(stage_dir, event="eval", resolution=key, seconds=time.time() - t,
+                  sets={k: v.get("seconds") for k, v in cache[key].items()})
     out[key] = cache[key]
   if jax.process_index() == 0:  # several hosts: one writer
     from askd_jax.workdir import write_json

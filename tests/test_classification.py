@@ -3,21 +3,18 @@
 and the small preset end to end from the CLI."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import subprocess
 import sys
-import tarfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
-from askd_jax.data import imagenet, shapes
+from askd_jax.data import fixtures, imagenet, shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SYNSETS = (0, 7, 999)           # class indices in tfds's labels.txt
@@ -26,50 +23,8 @@ VAL_NAMES = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (3, 1, 4, 2)]  # tar order 
 
 # ------------------------------------------------------------------------ fixture files
 
-def _jpeg(pixels: np.ndarray, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(pixels).convert(mode).save(buf, format=fmt, quality=95)
-  return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
-
-
-def _pixels(rng, h, w):
-  yy, xx = np.mgrid[0:h, 0:w]
-  base = np.stack([yy * 255 // max(h - 1, 1), xx * 255 // max(w - 1, 1), (yy + xx) % 256], -1)
-  return np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
 def write_fake_imagenet(root) -> dict:
-  """ILSVRC2012_img_train.tar (a tar of per-class tars) and ILSVRC2012_img_val.tar."""
-  rng = np.random.default_rng(0)
-  syn = imagenet.synsets()
-  files = {"train": {}, "val": {}}
-  with tarfile.open(os.path.join(root, imagenet.TRAIN_TAR), "w") as outer:
-    for k, idx in enumerate(TRAIN_SYNSETS):
-      inner_buf = io.BytesIO()
-      with tarfile.open(fileobj=inner_buf, mode="w") as inner:
-        for j in range(3):
-          name = f"{syn[idx]}_{j}.JPEG"
-          h, w = (40 + 8 * j, 56 - 4 * k)
-          mode, fmt = (("CMYK", "JPEG") if j == 1 else ("RGB", "PNG") if j == 2 else
-                       ("RGB", "JPEG"))  # tfds's CMYK and PNG-in-.JPEG oddities
-          data = _jpeg(_pixels(rng, h, w), mode, fmt)
-          _add(inner, name, data)
-          files["train"][name] = (data, idx)
-      _add(outer, f"{syn[idx]}.tar", inner_buf.getvalue())
-  val_syn = open(imagenet.validation_labels_file()).read().split()
-  with tarfile.open(os.path.join(root, imagenet.VAL_TAR), "w") as tar:
-    for name in VAL_NAMES:
-      data = _jpeg(_pixels(rng, 48, 36))
-      _add(tar, name, data)
-      n = int(name[-13:-5])  # labels are listed in sorted-name order: file n -> line n
-      files["val"][name] = (data, syn.index(val_syn[n - 1]))
-  return files
+  return fixtures.write_fake_imagenet(root, TRAIN_SYNSETS, 3, [int(n[-13:-5]) for n in VAL_NAMES])
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +80,7 @@ def test_eval_resize_center_crop_box():
   out = imagenet.DecodeResizeCenterCrop(224, 256).map(rec)["image"]
   assert out.shape == (224, 224, 3) and out.dtype == np.uint8 and (out == 7).all()
   crop = imagenet.DecodeRandomResizedCrop(24).random_map(
-      {"image": _jpeg(np.zeros((30, 50, 3), np.uint8), "CMYK"), "label": 0},
+      {"image": fixtures.encode_image(np.zeros((30, 50, 3), np.uint8), "JPEG", "CMYK"), "label": 0},
       np.random.default_rng(1))["image"]
   assert crop.shape == (24, 24, 3) and crop.dtype == np.uint8
 

@@ -10,18 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from askd_jax.data import faces, recordio
+from askd_jax.data import faces, fixtures, recordio
 
 
-def _encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(pixels).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-  return buf.getvalue()
-
-
-def _pixels(n: int, seed: int, size: int = 112):
-  rng = np.random.default_rng(seed)
-  return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+_encode, _pixels = fixtures.encode_image, fixtures.random_pixels
 
 
 def _decoded(record, key="image", size=112):
@@ -120,10 +112,7 @@ def test_train_loader_skips_corrupt_mid_epoch(rec_set, tmp_path):
   assert sorted(seen.tolist()) == sorted(labels[:6] * 2)
 
 
-def _write_bin(path, pixels, issame, fmt="PNG"):
-  with open(path, "wb") as f:
-    pickle.dump(([_encode(p, fmt) for p in pixels], list(issame)), f,
-                protocol=pickle.HIGHEST_PROTOCOL)
+_write_bin = fixtures.write_verification_bin
 
 
 def test_verification_bin_round_trip_folds_in_file_order(tmp_path):
@@ -202,19 +191,7 @@ def test_verification_bin_other_types_refused(tmp_path, obj, why):
 
 
 def _tinyface_tree(root, pix):
-  layout = {"Probe": ["1_0.png", "2_0.png", "10_0.png"],
-            "Gallery_Match": ["1_1.png", "2_1.png", "10_1.png", "10_2.png"],
-            "Gallery_Distractor": ["x_0.png", "sub/y.png"]}
-  it = iter(pix)
-  files = {}
-  for d, names in layout.items():
-    for n in names:
-      p = root / "aligned_pad_0.1_pad_high" / d / n
-      p.parent.mkdir(parents=True, exist_ok=True)
-      img = next(it)
-      p.write_bytes(_encode(img))
-      files[f"aligned_pad_0.1_pad_high/{d}/{n}"] = img
-  return files
+  return fixtures.write_tinyface_tree(str(root), pix)
 
 
 def test_tinyface_round_trip(tmp_path):

@@ -2,29 +2,20 @@
 prepared with the real builders, trained and verified through `python -m askd_jax.main`."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
 import subprocess
 import sys
 
-import numpy as np
-from PIL import Image
-
-from askd_jax.data import faces
+from askd_jax.data import faces, fixtures
 from askd_jax.data.recordio import write_insightface_rec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _png(seed, label, size=28):
-  rng = np.random.default_rng(seed)
-  base = np.full((size, size, 3), 40 * label, np.uint8)
-  img = np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8)
-  buf = io.BytesIO()
-  Image.fromarray(img).save(buf, "PNG")
-  return buf.getvalue()
+  return fixtures.encode_image(fixtures.identity_pixels(label, seed, size))
 
 
 def test_casia_preset_trains_and_verifies_on_prepared_files(tmp_path):

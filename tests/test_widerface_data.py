@@ -1,16 +1,14 @@
 """WIDER FACE builder on fixture files written in the released layout."""
 from __future__ import annotations
 
-import io
 import os
-import zipfile
 
 import numpy as np
 import pytest
 
 scipy_io = pytest.importorskip("scipy.io")
-from PIL import Image  # noqa: E402
 
+from askd_jax.data import fixtures as FX  # noqa: E402
 from askd_jax.data import widerface as WD  # noqa: E402
 from askd_jax.evaluate import widerface as WE  # noqa: E402
 
@@ -46,74 +44,14 @@ SIZES = {"0_Parade_a": (64, 48), "0_Parade_empty": (32, 40), "0_Parade_v1": (80,
 
 
 def _txt(split):
-  out = []
-  for ev, imgs in split.items():
-    for name, faces in imgs.items():
-      out.append(f"{ev}/{name}.jpg")
-      out.append(str(len(faces)))
-      for f in faces or [[0] * 10]:
-        out.append(" ".join(str(v) for v in f) + " ")  # the release has a trailing space
-  return "\n".join(out) + "\n"
-
-
-def _cell(items):
-  a = np.empty((len(items), 1), dtype=object)
-  for i, x in enumerate(items):
-    a[i, 0] = x
-  return a
-
-
-def _mat(difficulty):
-  events = list(VAL)
-  return {
-      "event_list": _cell(events),
-      "file_list": _cell([_cell(list(VAL[e])) for e in events]),
-      "face_bbx_list": _cell([_cell([np.array(f, float).reshape(-1, 10)[:, :4]
-                                     for f in VAL[e].values()]) for e in events]),
-      "gt_list": _cell([_cell([np.array(KEEP[difficulty][n], float).reshape(-1, 1)
-                               for n in VAL[e]]) for e in events]),
-  }
-
-
-def _jpeg(name):
-  w, h = SIZES[name]
-  rng = np.random.default_rng(len(name))
-  buf = io.BytesIO()
-  Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
-  return buf.getvalue()
+  return FX.widerface_txt(split)
 
 
 def _release_files():
-  files = {"wider_face_split/wider_face_train_bbx_gt.txt": _txt(TRAIN).encode(),
-           "wider_face_split/wider_face_val_bbx_gt.txt": _txt(VAL).encode()}
-  for top, split in (("WIDER_train", TRAIN), ("WIDER_val", VAL)):
-    for ev, imgs in split.items():
-      for name in imgs:
-        files[f"{top}/images/{ev}/{name}.jpg"] = _jpeg(name)
-  for d in WE.DIFFICULTIES:
-    buf = io.BytesIO()
-    scipy_io.savemat(buf, _mat(d))
-    files[f"eval_tools/ground_truth/wider_{d}_val.mat"] = buf.getvalue()
-  return files
+  return FX.widerface_release_files(TRAIN, VAL, KEEP, SIZES)
 
 
-def _write_tree(root, files):
-  for rel, data in files.items():
-    path = os.path.join(root, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-      f.write(data)
-
-
-def _write_zips(root, files):
-  os.makedirs(root, exist_ok=True)
-  by_top = {}
-  for rel, data in files.items():
-    by_top.setdefault(rel.split("/", 1)[0], {})[rel] = data
-  for top, members in by_top.items():
-    with zipfile.ZipFile(os.path.join(root, top + ".zip"), "w") as z:
-      for rel, data in members.items():
-        z.writestr(rel, data)
+_write_tree, _write_zips = FX.write_tree, FX.write_zips
 
 
 @pytest.fixture(scope="module")

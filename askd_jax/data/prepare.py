@@ -2,10 +2,13 @@
 
     python -m askd_jax.data.prepare --dataset=casia --manual_dir=DIR --data_dir=DATA_DIR
     python -m askd_jax.data.prepare --dataset=lfw,agedb_30,cfp_fp --manual_dir=DIR --data_dir=DATA_DIR
+    python -m askd_jax.data.prepare --dataset=imagenet --manual_dir=DIR --data_dir=DATA_DIR
 
 --dataset (comma-separated): casia, ms1m, rec (insightface train.rec/.idx), casia_list, list
 (image folder + list file), lfw, agedb_30, cfp_fp, cfp_ff, calfw, cplfw, vgg2_fp (insightface
-.bin), tinyface. Writes array_record under DATA_DIR; see docs/datasets.md.
+.bin), tinyface; imagenet (ILSVRC2012_img_{train,val}.tar, configs/imagenet.py), widerface
+(the WIDER FACE release, configs/widerface.py). Writes array_record under DATA_DIR; see
+docs/datasets.md.
 """
 from __future__ import annotations
 
@@ -14,8 +17,22 @@ from absl import app, flags
 from askd_jax import stop
 from askd_jax.data import faces
 
+
+def _imagenet(manual_dir, data_dir):
+  from askd_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+  return imagenet.prepare(manual_dir, data_dir)
+
+
+def _widerface(manual_dir, data_dir):
+  from askd_jax.data import widerface  # pylint: disable=g-import-not-at-top
+  return widerface.prepare(manual_dir, data_dir)
+
+
+OTHER = {"imagenet": _imagenet, "widerface": _widerface}  # builders of the other tasks
+NAMES = sorted(faces.DATASETS) + sorted(OTHER)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_list("dataset", None, f"one or more of {sorted(faces.DATASETS)}")
+flags.DEFINE_list("dataset", None, f"one or more of {NAMES}")
 flags.DEFINE_string("manual_dir", None, "folder holding the files as distributed")
 flags.DEFINE_string("data_dir", None, "where the prepared array_record sets go")
 flags.DEFINE_enum("on_corrupt", "skip", list(faces.ON_CORRUPT),
@@ -32,8 +49,15 @@ def main(argv):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   for dataset in FLAGS.dataset:
-    if dataset not in faces.DATASETS:
-      raise app.UsageError(f"--dataset={dataset}: use one of {sorted(faces.DATASETS)}")
+    if dataset not in NAMES:
+      raise app.UsageError(f"--dataset={dataset}: use one of {NAMES}")
+    if dataset in OTHER:
+      try:
+        b = OTHER[dataset](FLAGS.manual_dir, FLAGS.data_dir)
+      except (OSError, ValueError) as e:
+        raise SystemExit(f"prepare --dataset={dataset}: {e}") from None
+      print(f"{dataset}: {b.data_dir} { {k: v.num_examples for k, v in b.info.splits.items()} }")
+      continue
     kwargs = {"on_corrupt": FLAGS.on_corrupt}
     cls = faces.DATASETS[dataset][0]
     if cls is faces.FaceImageList and FLAGS.list_file:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Dict
 
 import jax
@@ -107,13 +108,15 @@ class FaceRecTask(Task):
     batch = self.cfg.eval.get("batch_size", 64)
     results = {}
     for vs in data["verification"]:
+      t = time.time()
       emb = self.embeddings(model, variables, vs["images"], sizes, batch=batch)
       e1, e2 = emb[vs["idx1"]], emb[vs["idx2"]]
       r = verification.verification_accuracy(e1, e2, vs["issame"], nfolds=10,
                                              fold_ids=vs.get("fold_ids"))
       results[vs["name"]] = {"accuracy": float(r["mean"]), "std": float(r["std"]),
                              "threshold": verification.deploy_threshold(e1, e2, vs["issame"]),
-                             "tar_far1e-2": verification.tar_at_far(e1, e2, vs["issame"], 1e-2)}
+                             "tar_far1e-2": verification.tar_at_far(e1, e2, vs["issame"], 1e-2),
+                             "seconds": time.time() - t}
     if "tinyface" in data:
       # Native low-resolution images, never degraded whatever the student's size
       # (official test_tinyface.py); flip-averaged, L2-normalised, gallery with distractors.

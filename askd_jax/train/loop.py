@@ -196,10 +196,14 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
   log_every, ck_every = tcfg.get("log_every", 10), tcfg.get("checkpoint_every", 0)
   last_t, last_step, start_step = time.time(), int(state.step), int(state.step)
   compile_s = None
+  timed = {"from": None, "save_s": 0.0}  # the loop's wall time after the first step
 
   def save(step):
     _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
-    state_io.save(mgr, step, state, shd.gather_iterator_states(it.get_state()), meta)
+    t = time.time()
+    if state_io.save(mgr, step, state, shd.gather_iterator_states(it.get_state()), meta):
+      timed["save_s"] += time.time() - t
+      record(stage_dir, event="save", step=step, seconds=time.time() - t)
 
   step = int(state.step)
   while step < total_steps:
@@ -215,6 +219,8 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
       jax.block_until_ready(metrics)
       compile_s = time.time() - t0
       last_t, last_step = time.time(), step
+      timed["from"] = (last_t, step)
+      record(stage_dir, event="compile", step=step, seconds=compile_s)
     if step % log_every == 0 or step == total_steps or stopping:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       now = time.time()
@@ -242,6 +248,11 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
                       f"and saved a checkpoint in {stage_dir}; run the same command again to "
                       "resume")
     stop.notify("step", f"{stage.name} {step}")
+  if timed["from"] is not None:  # end to end: loader + step + logging, saves excluded
+    t1, s1 = timed["from"]
+    record(stage_dir, event="end", step=step, steps_run=step - start_step,
+           timed_steps=step - s1, timed_seconds=time.time() - t1 - timed["save_s"],
+           batch_size=gbatch, max_rss_bytes=_max_rss())
   if int(state.step) not in mgr.all_steps():
     save(int(state.step))
   if bar is not None:
@@ -259,6 +270,20 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
   if writer is not None:
     writer.close()
   return stage_dir
+
+
+def record(stage_dir: str, **event) -> None:
+  """One JSON line in STAGE/events.jsonl (compile, save, loop and evaluation times; askd_jax.tools.rehearse
+  reads them)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(stage_dir, "events.jsonl"), "a") as f:
+      f.write(json.dumps(dict(event, time=time.time())) + "\n")
+
+
+def _max_rss() -> int:
+  """This process's peak resident memory so far, in bytes."""
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def with_pretrained(state, pretrained, state_sh):
