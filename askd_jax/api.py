@@ -123,14 +123,6 @@ class Threshold:
   set_name: str
   resolution: str  # 'HR' or the LR size, as keyed in eval.json
   accuracy: Optional[float] = None
-  center: Optional[np.ndarray] = None  # the evaluation's mean embedding, when it stored one
-
-  def score(self, a: np.ndarray, b: np.ndarray) -> float:
-    """The evaluation's score of a pair: cosine after subtracting `center` (the protocol
-    centres every pair on a mean embedding before its threshold applies), else cosine."""
-    if self.center is not None:
-      a, b = np.asarray(a) - self.center, np.asarray(b) - self.center
-    return FaceModel.similarity(a, b)
 
 
 class FaceModel:
@@ -247,9 +239,7 @@ class FaceModel:
     for name in names:
       r = sets[name]
       if r.get("threshold") is not None:
-        c = r.get("center")
-        return Threshold(float(r["threshold"]), name, key, r.get("accuracy"),
-                         None if c is None else np.asarray(c, np.float32))
+        return Threshold(float(r["threshold"]), name, key, r.get("accuracy"))
     raise ModelError(f"{self.path}: its {EVAL_FILE} at {key} holds no verification threshold "
                      f"(written by an older askd_jax); delete {EVAL_FILE} and {how}")
 
@@ -307,6 +297,11 @@ def _read_json(path: str) -> Dict[str, Any]:
       raise ModelError(f"{path}: not valid JSON ({e}); delete it and evaluate again") from None
 
 
+def _evaluations(path: str) -> Dict[str, Any]:
+  """{resolution: {set: results}} of a stage's eval.json (its '_' keys are bookkeeping)."""
+  return {k: v for k, v in _read_json(path).items() if not k.startswith("_")}
+
+
 def _missing(path: str) -> ModelError:
   return ModelError(f"{path}: no such model; give a stage directory of a run (e.g. "
                     "workdir/facerec_demo/teacher), a directory written by `python -m "
@@ -362,7 +357,8 @@ def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
 
   from askd_jax.train.checkpoint import params_hash  # identifies the model of a gallery
   spec = dict(spec, params_hash=params_hash(variables["params"]), _source_dir=path)
-  return FaceModel(path, spec, batch_fn, evaluation=_read_json(os.path.join(path, EVAL_FILE)),
+  return FaceModel(path, spec, batch_fn,
+                   evaluation=_evaluations(os.path.join(path, EVAL_FILE)),
                    batch_size=batch_size, exportable=exportable)
 
 

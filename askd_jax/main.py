@@ -191,9 +191,29 @@ def guard_workdir(workdir: str, cfg, overwrite: bool, lock=None) -> None:
   workdir_lib.guard(workdir, cfg, overwrite, lock)
 
 
+# Bump when the evaluation's numbers change for the same model and sets (2: the official
+# flip-then-degrade order, native TinyFace, a deploy threshold and TAR@FAR per set).
+EVAL_PROTOCOL = 2
+
+
+def eval_fingerprint(cfg) -> str:
+  """What an evaluation's numbers depend on besides the model: the evaluation sets and pairs
+  (config.data, less where the files live and how fast they are read), the degradation
+  (config.student) and config.eval."""
+  import hashlib
+  data = {k: v for k, v in cfg.get("data", {}).items()
+          if k not in ("data_dir", "manual_dir", "workers")}
+  student = {k: cfg.student.get(k) for k in ("mode", "blur", "sigma_range")} \
+      if cfg.get("student") else {}
+  blob = json.dumps({"protocol": EVAL_PROTOCOL, "data": data, "student": student,
+                     "eval": dict(cfg.get("eval", {}))}, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
   """Evaluate a model directory at each resolution; cached in STAGE/eval.json (when the
-  directory is writable)."""
+  directory is writable) under the `eval_fingerprint` of the config: a cache written by
+  another evaluation protocol or for other sets is evaluated afresh."""
   import jax
   import jax.numpy as jnp
   from askd_jax.train import loop
@@ -206,6 +226,12 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
         cache = json.load(f)
       except json.JSONDecodeError:
         cache = {}  # cut short by a crash: evaluate again
+  fingerprint = eval_fingerprint(cfg)
+  if cache and cache.get("_eval") != fingerprint:
+    log.info("%s was written for another evaluation (protocol or sets); evaluating again",
+             cache_path)
+    cache = {}
+  cache["_eval"] = fingerprint
   variables, spec = load_model(stage_dir)
   size = cfg.get("data", {}).get("image_size")
   if spec.get("input_size") and size and spec["input_size"] != size:

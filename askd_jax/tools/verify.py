@@ -3,15 +3,14 @@
     python -m askd_jax.tools.verify --model=DIR a.jpg b.jpg [--size=14] [--set=lfw]
         [--threshold=0.3]
 
-The decision uses the threshold the model's own verification evaluation chose (the mean of
-its 10 folds' thresholds, stored per set and resolution in DIR/eval.json by `python -m
-askd_jax.main --evaluate=DIR`; an export carries it in model.jaxexport.json): the first set
-evaluated at this resolution, or --set. A pair is the same person when its score is above
-the threshold, as in the evaluation. The score is the cosine of the embeddings
-(concat(emb(x), emb(flip x)), see askd_jax.api) after subtracting the evaluation's mean
-embedding ("center" beside the threshold) as the official protocol centres its pairs; when
-the evaluation stored no center the plain cosine is used and the line says "uncentred"
-(the threshold is then only approximate). Prints one line; exit code 0.
+The decision uses the threshold the model's own verification evaluation chose
+(`verification.deploy_threshold`: the official threshold sweep run once over all pairs of
+the set, on the plain cosine of the flip-concat embeddings; stored per set and resolution in
+DIR/eval.json by `python -m askd_jax.main --evaluate=DIR` and by every training run; an
+export carries it in model.jaxexport.json): the first set evaluated at this resolution, or
+--set. The score is that same plain cosine of concat(emb(x), emb(flip x)) (askd_jax.api); a
+pair is the same person when it is above the threshold. The threshold was chosen on the set
+it names, so its accuracy there is optimistic. Prints one line; exit code 0.
 """
 from __future__ import annotations
 
@@ -46,15 +45,13 @@ def _verify(args) -> int:
     where = (f"threshold {thr.value:.4f} chosen by the verification on {thr.set_name} at "
              f"{thr.resolution}" + (" px" if thr.resolution != "HR" else "")
              + (f", accuracy {thr.accuracy:.4f}" if thr.accuracy is not None else ""))
-    value, score = thr.value, thr.score
-    what = "centred similarity" if thr.center is not None else "similarity (uncentred)"
+    value = thr.value
   else:
     value, where = args.threshold, f"threshold {args.threshold:.4f} given by --threshold"
-    score, what = model.similarity, "similarity"
   a, b = model.embed(list(args.images), size=size)
-  sim = score(a, b)
+  sim = model.similarity(a, b)
   verdict = "same person" if sim > value else "different people"
-  print(f"{args.images[0]} {args.images[1]}: {what} {sim:.4f}, {verdict} ({where})")
+  print(f"{args.images[0]} {args.images[1]}: similarity {sim:.4f}, {verdict} ({where})")
   return 0
 
 
