@@ -247,9 +247,11 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
       stop.at("evaluate", f"{os.path.basename(stage_dir.rstrip('/'))} {key}")
       t = time.time()
       with _stop_between_batches(task):
-        cache[key] = task.evaluate(model, variables, tuple(sizes))
+        res = task.evaluate(model, variables, tuple(sizes))
+      # Timings go to events.jsonl only: eval.json and the results stay deterministic.
       loop.record(stage_dir, event="eval", resolution=key, seconds=time.time() - t,
-                  sets={k: v.get("seconds") for k, v in cache[key].items()})
+                  sets={k: v.pop("seconds", None) for k, v in res.items()})
+      cache[key] = res
     out[key] = cache[key]
   if jax.process_index() == 0:  # several hosts: one writer
     from askd_jax.workdir import write_json

@@ -211,7 +211,7 @@ def _cli(tmp_path, *args, env=None):
 
 @pytest.mark.parametrize("args,expect", [
     (["--config=configs/facerec.py:bogus"],
-     "error: --config=configs/facerec.py:bogus: preset 'bogus' is unknown; use demo, casia or "
+     "error: --config=configs/facerec.py:bogus: preset 'bogus' is unknown; use demo, compare, casia or "
      "tinyface"),
     (["--config=configs/nope.py"], "configs/nope.py"),
     (["--config.train.lrr=0.1"],

@@ -34,6 +34,14 @@ def _cfg(workdir):
   return load_config(workdir)
 
 
+def _same_embeddings(a, b):
+  """Equal up to float32 rounding: the same images in batches of other sizes run through
+  XLA programs of other shapes, whose sums round differently (up to ~1e-6 of the largest
+  entry, measured ~8e-7 on this tiny model)."""
+  b = np.asarray(b)
+  np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(np.abs(b).max()))
+
+
 @pytest.fixture(scope="module")
 def demo(tiny_run):  # noqa: F811
   """The run's ORL test images and pairs, as its evaluation sees them."""
@@ -79,7 +87,7 @@ def test_api_embeddings_are_the_evaluations(demo):
   one = model.embed(images[5])
   assert one.shape == (emb.shape[1],)
   teacher = askd_jax.load(os.path.join(workdir, "teacher"))
-  np.testing.assert_allclose(one, teacher.embed(images[:8])[5], atol=1e-5)
+  _same_embeddings(one, teacher.embed(images[:8])[5])
   assert model.similarity(one, one) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -164,7 +172,7 @@ def test_embed_cli_skips_bad_images_and_search_finds_the_person(demo, tmp_path, 
     emb = z["embeddings"]
     assert int(z["size"]) == 0 and int(z["input_size"]) == s
   model = askd_jax.load(teacher)
-  np.testing.assert_allclose(emb, model.embed(sorted(good)), atol=1e-5)
+  _same_embeddings(emb, model.embed(sorted(good)))
 
   # nothing is overwritten without --overwrite
   rc, _, err = _run(embed_cli.main, [f"--model={teacher}", f"--images={folder}",
@@ -205,8 +213,7 @@ def test_embed_cli_list_file_and_errors(demo, tmp_path, capsys):
   assert rc == 0, err
   with np.load(out) as z:
     assert [str(p) for p in z["paths"]] == paths and int(z["size"]) == 7
-    np.testing.assert_allclose(z["embeddings"], askd_jax.load(teacher).embed(paths, size=7),
-                               atol=1e-5)
+    _same_embeddings(z["embeddings"], askd_jax.load(teacher).embed(paths, size=7))
   (tmp_path / "empty").mkdir()
   cases = [([f"--model={teacher}", f"--images={tmp_path / 'empty'}"], "holds no image files"),
            ([f"--model={tmp_path / 'nope'}", f"--images={lst}"], "no such model"),
@@ -252,10 +259,12 @@ def test_verify_cli(demo, tmp_path, capsys):
                                       "--threshold=2"], capsys)
   assert rc == 0 and "different people (threshold 2.0000 given by --threshold)" in out
   # no evaluation at this resolution / at all / without thresholds: one line, the fix
-  rc, _, err = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", "--size=7",
+  evaluated = ", ".join(k for k in json.loads((tmp_path / "teacher" / "eval.json").read_text())
+                        if not k.startswith("_"))
+  rc, _, err = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", "--size=9",
                                       paths[0], paths[1]], capsys)
   line = _one_line(err)
-  assert rc == 1 and "evaluated at HR but not at 7" in line and "--eval_sizes=7" in line
+  assert rc == 1 and f"evaluated at {evaluated} but not at 9" in line and "--eval_sizes=9" in line
   (tmp_path / "teacher" / "eval.json").write_text(json.dumps(
       {"HR": {"orl_test": {"accuracy": 0.9, "std": 0.01}}}))
   rc, _, err = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", paths[0], paths[1]],

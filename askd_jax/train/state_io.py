@@ -64,12 +64,40 @@ def newest_meta_value(ckdir: str, key: str):
   return None, None
 
 
+def _drop_closed_loop_errors() -> None:
+  """Install (once) hooks that log, instead of printing, the "RuntimeError: Event
+  loop is closed" that tensorstore's callbacks raise when they finish after orbax's asyncio
+  loop gave up on a failed read (they reach sys.excepthook from C, possibly after
+  `_quiet_libraries` has put sys.stderr back); every other exception goes to the old hooks."""
+  import sys
+  old = sys.excepthook
+  if getattr(old, "_askd_drops_closed_loop", False):
+    return
+
+  def hook(etype, value, tb):
+    if etype is RuntimeError and str(value) == "Event loop is closed":
+      log.info("a checkpoint library callback ran after its event loop closed (ignored)")
+      return
+    old(etype, value, tb)
+  hook._askd_drops_closed_loop = True
+  sys.excepthook = hook
+  old_unraisable = sys.unraisablehook
+
+  def unraisable(u):  # the same error, when it reaches Python as "Exception ignored in"
+    if u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed":
+      log.info("a checkpoint library callback ran after its event loop closed (ignored)")
+      return
+    old_unraisable(u)
+  sys.unraisablehook = unraisable
+
+
 @contextlib.contextmanager
 def _quiet_libraries():
   """Orbax and tensorstore log a failed read or write at length (thousands of lines of
   traceback for a truncated step); the callers say it in one line."""
   import io
   import sys
+  _drop_closed_loop_errors()
   loggers = [logging.getLogger(n) for n in ("orbax", "absl", "tensorstore", "jax")]
   old = [l.level for l in loggers]
   for l in loggers:
