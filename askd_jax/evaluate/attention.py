@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from askd_jax.evaluate import verification
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 # Spec keys that must agree for two stages to share one compiled model.
 _ARCH_KEYS = ("arch", "depth", "width", "stage_sizes", "embedding_dim", "input_size")
@@ -395,8 +397,7 @@ def pair_scores(run: Run, stage: Stage, sizes: Sequence[int] = ()) -> Dict[str, 
   for vs in run.task.data["verification"]:
     emb = run.task.embeddings(run.model, stage.variables, vs["images"], tuple(sizes),
                               batch=run.cfg.eval.get("batch_size", 64))
-    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    out[vs["name"]] = {"scores": np.sum(e[vs["idx1"]] * e[vs["idx2"]], axis=1),
+    out[vs["name"]] = {"scores": verification.cosine_scores(emb[vs["idx1"]], emb[vs["idx2"]]),
                        "issame": np.asarray(vs["issame"], bool)}
   return out
 
