@@ -2,8 +2,8 @@
 
 `python -m askd_jax.main --config=configs/facerec.py:compare --workdir=W` comes here (the
 config has a `grid` block): for each seed, for each split, WORKDIR/split<k>_seed<s> is an
-ordinary run of askd_jax.main.run (teacher + students, resumable, finished stages skipped)
-with config.data.split = k and config.seed = s. W/results.md, .json, .png are written by
+ordinary run of askd_jax.experiment.run (teacher + students, resumable, finished stages
+skipped) with config.data.split = k and config.seed = s. W/results.md, .json, .png are written by
 askd_jax.stats over the finished runs; run the same command again to resume or to add runs.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 
 def _ints(values, field: str) -> List[int]:
@@ -38,9 +38,13 @@ def run_dirs(workdir: str, splits: Sequence[int], seeds: Sequence[int]) -> List[
   return [os.path.join(workdir, f"split{k}_seed{s}") for s in seeds for k in splits]
 
 
-def run_grid(cfg, workdir: str, overwrite: bool, run_one: Callable[..., Any]) -> str:
-  """run_one: askd_jax.main.run (passed in: main is often __main__, imported twice otherwise)."""
+def run_grid(cfg, workdir: str, overwrite: bool = False,
+             run_one: Optional[Callable[..., Any]] = None) -> str:
+  """Every run of the grid, then the report over them; returns its markdown.
+  run_one(sub_cfg, sub_workdir, overwrite) trains one run (default: askd_jax.experiment.run)."""
   from askd_jax import report, stats
+  if run_one is None:
+    from askd_jax.experiment import run as run_one
   splits = _ints(cfg.grid.splits, "grid.splits")
   seeds = _ints(cfg.grid.seeds, "grid.seeds")
   t0 = time.time()

@@ -160,7 +160,7 @@ def _tiny_cfg(fake, workdir_root):
 
 
 def test_teacher_and_askd_student_train_and_evaluate(fake_imagenet, tmp_path):
-  from askd_jax import main as main_mod
+  from askd_jax import experiment
   from askd_jax.tasks import get_task
   from askd_jax.tasks.classification import topk_accuracy
   from askd_jax.train import checkpoint as ckpt_lib
@@ -170,7 +170,7 @@ def test_teacher_and_askd_student_train_and_evaluate(fake_imagenet, tmp_path):
   task = get_task(cfg)
   assert task.num_classes == 1000 and task.num_train_examples == 9
   workdir = str(tmp_path / "run")
-  stages = main_mod.plan_stages(cfg, workdir)
+  stages = experiment.plan_stages(cfg, workdir)
   assert [(s.name, s.kind, tuple(s.sizes)) for s in stages] == [
       ("teacher", "teacher", ()), ("student_askd_8px", "student", (8,))]
 
@@ -212,8 +212,8 @@ def test_teacher_and_askd_student_train_and_evaluate(fake_imagenet, tmp_path):
                        init["params"])
   assert max(jax.tree.leaves(moved)) > 0
 
-  res_t = main_mod.evaluate_stage(task, cfg, tdir, [(), (8,)])
-  res_s = main_mod.evaluate_stage(task, cfg, sdir, [(8,)])
+  res_t = experiment.evaluate_stage(task, cfg, tdir, [(), (8,)])
+  res_s = experiment.evaluate_stage(task, cfg, sdir, [(8,)])
   assert set(res_t) == {"HR", "8"} and set(res_s) == {"8"}
   for r in (res_t["HR"], res_t["8"], res_s["8"]):
     assert set(r) == {"validation top-1", "validation top-5"}

@@ -96,7 +96,7 @@ def test_grid_runs_each_split_and_reports_paired_differences(tmp_path):
 
 
 def test_run_grid_orders_runs_and_reports_over_them(tmp_path, capsys):
-  """askd_jax.compare.run_grid with a stand-in for askd_jax.main.run (no training): one
+  """askd_jax.compare.run_grid with a stand-in for askd_jax.experiment.run (no training): one
   sub-config per (split, seed), seed-major, without the grid block; the report pairs within
   runs; an override spelled '0,2' works."""
   import importlib.util

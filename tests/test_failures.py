@@ -147,7 +147,7 @@ def _fake_done_stage(w: Path, name: str, cfg_hash: str):
 def test_done_stage_is_checked_against_its_own_config_when_config_json_is_gone(tmp_path):
   """Case 2: config.json deleted, another width; bug put back (guard reading config.json
   only): the run was accepted and config.json rewritten."""
-  from askd_jax import main
+  from askd_jax import experiment
   from askd_jax.train.loop import cfg_hash
   from askd_jax.workdir import WorkdirError
   a, b = _demo_cfg(), _demo_cfg()
@@ -157,9 +157,9 @@ def test_done_stage_is_checked_against_its_own_config_when_config_json_is_gone(t
   with pytest.raises(WorkdirError, match=rf"{w}/teacher was trained with another config \(hash "
                      rf"{cfg_hash(a)}, recorded in {w}/teacher/model.json; this run's is "
                      rf"{cfg_hash(b)}\).*--overwrite"):
-    main.guard_workdir(str(w), b, overwrite=False)
+    experiment.guard_workdir(str(w), b, overwrite=False)
   assert not (w / "config.json").exists()  # nothing written
-  main.guard_workdir(str(w), a, overwrite=False)  # the original config goes on
+  experiment.guard_workdir(str(w), a, overwrite=False)  # the original config goes on
   assert json.loads((w / "config.json").read_text())["config_hash"] == cfg_hash(a)
 
 
@@ -168,7 +168,7 @@ def test_refused_run_writes_nothing_and_the_original_command_still_runs(tmp_path
   the guard before config.json is touched; bug put back (write first, check after): the
   original config was then refused as 'another config'."""
   import jax.numpy as jnp
-  from askd_jax import main
+  from askd_jax import experiment
   from askd_jax.train import state_io
   from askd_jax.train.loop import cfg_hash
   from askd_jax.workdir import WorkdirError
@@ -180,10 +180,10 @@ def test_refused_run_writes_nothing_and_the_original_command_still_runs(tmp_path
   (w / "config.json").unlink(missing_ok=True)
   with pytest.raises(WorkdirError, match=r"teacher was trained with another config .*"
                      r"checkpoints/2/meta/metadata"):
-    main.guard_workdir(str(w), b, overwrite=False)
+    experiment.guard_workdir(str(w), b, overwrite=False)
   assert not (w / "config.json").exists()
-  main.guard_workdir(str(w), a, overwrite=False)
-  main.guard_workdir(str(w), b, overwrite=True)  # as the message says: moved aside
+  experiment.guard_workdir(str(w), a, overwrite=False)
+  experiment.guard_workdir(str(w), b, overwrite=True)  # as the message says: moved aside
   assert not (w / "teacher").exists()
   assert json.loads((w / "config.json").read_text())["config_hash"] == cfg_hash(b)
 
@@ -289,7 +289,7 @@ def test_unwritable_places_are_one_line_naming_the_flag(tmp_path, what):
 
 
 def test_os_errors_name_the_flag_and_the_fix():
-  from askd_jax.main import describe_failure
+  from askd_jax.failures import describe_failure
   cfg = _demo_cfg()
   with cfg.unlocked():
     cfg.data.data_dir = "/data/tfds"

@@ -368,20 +368,20 @@ def _get_config(preset="demo"):
 
 
 def test_workdir_guard_overwrite_moves_old_run_aside(tmp_path):
-  from askd_jax import main
+  from askd_jax import experiment
   get_config = _get_config
   w = tmp_path / "w"
   a, b = get_config("demo"), get_config("demo")
   b.train.lr = 0.05
-  main.guard_workdir(str(w), a, overwrite=False)
+  experiment.guard_workdir(str(w), a, overwrite=False)
   (w / "teacher").mkdir()
   c = get_config("demo")
   c.train.checkpoint_every, c.train.nan_policy, c.jax_cache_dir = 7, "skip", "/elsewhere"
-  main.guard_workdir(str(w), c, overwrite=False)  # same run: only how it is checkpointed differs
+  experiment.guard_workdir(str(w), c, overwrite=False)  # same run: only how it is checkpointed differs
   from askd_jax.workdir import WorkdirError
   with pytest.raises(WorkdirError, match="holds a run with another config"):
-    main.guard_workdir(str(w), b, overwrite=False)
-  main.guard_workdir(str(w), b, overwrite=True)
+    experiment.guard_workdir(str(w), b, overwrite=False)
+  experiment.guard_workdir(str(w), b, overwrite=True)
   old = glob.glob(str(tmp_path / "w.old-*"))
   assert len(old) == 1 and os.path.isdir(os.path.join(old[0], "teacher"))
   assert not (w / "teacher").exists()

@@ -1,6 +1,6 @@
 """Stop signals at every phase of a real run (issue 21, case 1).
 
-In process: `askd_jax.main.run` on a tiny model (16 px ORL faces, width 0.125, 6 steps per
+In process: `askd_jax.experiment.run` on a tiny model (16 px ORL faces, width 0.125, 6 steps per
 stage, a teacher and one A-SKD student). `askd_jax.stop` calls its listeners at every phase
 marker (start, guard, data, prepare, stage, build, compile, each step, evaluate, each
 evaluation batch, report); a listener sends the process SIGTERM or SIGINT at a chosen marker,
@@ -55,7 +55,7 @@ def tiny_cfg(data_dir: str):
 def run_stopped_at(cfg, workdir, fire):
   """run() with a listener; fire(phase, detail) -> signal to send now, or None.
   Returns (Preempted message or None, [(phase, detail, signal)] sent, events seen)."""
-  from askd_jax import main
+  from askd_jax import experiment
   sent, events = [], []
 
   def listener(phase, detail):
@@ -67,7 +67,7 @@ def run_stopped_at(cfg, workdir, fire):
         os.kill(os.getpid(), sig)
   stop.listeners.append(listener)
   try:
-    main.run(cfg, str(workdir))
+    experiment.run(cfg, str(workdir))
     return None, sent, events
   except stop.Preempted as e:
     return str(e), sent, events
@@ -154,11 +154,11 @@ def test_a_signal_at_every_phase_is_honoured_and_the_run_ends_bit_identical(refe
 def test_signals_at_random_moments_are_honoured(reference, tmp_path):
   ref_dir, _ = reference
   cfg = tiny_cfg(str(tmp_path / "tfds"))
-  from askd_jax import main
+  from askd_jax import experiment
   rng = random.Random(int.from_bytes(os.urandom(4), "little"))
   w = tmp_path / "w"
   t0 = time.time()
-  main.run(cfg, str(tmp_path / "timing"))  # how long a whole run takes here (cache warm)
+  experiment.run(cfg, str(tmp_path / "timing"))  # how long a whole run takes here (cache warm)
   whole = time.time() - t0
   honoured = 0
   for n in range(4):
@@ -177,7 +177,7 @@ def test_signals_at_random_moments_are_honoured(reference, tmp_path):
     stop.listeners.append(on_report)
     th.start()
     try:
-      main.run(cfg, str(w))
+      experiment.run(cfg, str(w))
       stopped = False
     except stop.Preempted:
       stopped = True
@@ -190,7 +190,7 @@ def test_signals_at_random_moments_are_honoured(reference, tmp_path):
     if sent and (not report or sent[0] < report[0]):
       assert stopped, f"{signal.Signals(sig).name} after {delay:.1f} s was not honoured"
       honoured += 1
-  main.run(cfg, str(w))
+  experiment.run(cfg, str(w))
   rows = lambda d: json.loads((d / "results.json").read_text())["rows"]
   assert rows(w) == rows(ref_dir)
   assert honoured >= 1
