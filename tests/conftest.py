@@ -27,6 +27,22 @@ TINY_FACEREC = ["--config=configs/facerec.py", "--config.data.image_size=28",
                 "--config.data.num_pairs=200", "--config.jax_cache_dir="]
 
 
+def tiny_facerec_cfg(data_dir):
+  """TINY_FACEREC as a ConfigDict, for calling askd_jax.experiment in process (the same
+  config hash: experiment.run continues the CLI's tiny run)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("facerec_config", _ROOT / "configs" / "facerec.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.data.image_size, c.data.num_pairs, c.data.data_dir = 28, 200, str(data_dir)
+  c.model.width, c.model.embedding_dim = 0.125, 32
+  c.train.steps, c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 4, 8, 2, 2
+  c.student.sizes, c.student.methods = (7,), ("none", "askd")
+  c.jax_cache_dir = ""
+  return c
+
+
 def run_main(workdir, *args, timeout=1500):
   """`python -m askd_jax.main --workdir=WORKDIR ARGS` from the repository root."""
   cmd = [sys.executable, "-m", "askd_jax.main", f"--workdir={workdir}", *args]

@@ -288,6 +288,26 @@ def test_unwritable_places_are_one_line_naming_the_flag(tmp_path, what):
   assert "writable" in line
 
 
+def test_a_failed_run_writes_its_line_and_trace_to_run_log_only(tmp_path, monkeypatch, capfd):
+  """experiment.run, once the workdir is checked: an unexpected failure's one line and full
+  trace go to WORKDIR/run.log, not the terminal, and the exception names that file (the CLI
+  adds `(full trace in W/run.log)`); a refusal of the package's own is not 'unexpected'."""
+  from askd_jax import experiment, failures, tasks
+  from askd_jax.workdir import WorkdirError
+
+  def broken_task(cfg):
+    raise RuntimeError("boom\nsecond line")
+  monkeypatch.setattr(tasks, "get_task", broken_task)
+  w = tmp_path / "w"
+  with pytest.raises(RuntimeError) as info:
+    experiment.run(_demo_cfg(), str(w))
+  assert info.value.run_log == str(w / "run.log") and failures.unexpected(info.value)
+  log = (w / "run.log").read_text()
+  assert "ERROR askd_jax: RuntimeError: boom\nTraceback" in log and "broken_task" in log
+  assert "Traceback" not in capfd.readouterr().err
+  assert not failures.unexpected(WorkdirError("in use")) and not failures.unexpected(OSError())
+
+
 def test_os_errors_name_the_flag_and_the_fix():
   from askd_jax.failures import describe_failure
   cfg = _demo_cfg()

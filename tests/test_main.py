@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY_FACEREC, run_main
+from conftest import TINY_FACEREC, run_main, tiny_facerec_cfg
 
 
 def _main(workdir, *extra, data_dir):
@@ -45,14 +45,26 @@ def test_stages_report_and_logs(tiny_facerec_run):
   assert student["teacher"]["path"] == str(wd / "teacher")
 
 
-def test_rerun_skips_finished_stages(tiny_run):
-  wd, data, first = tiny_run
+def test_rerun_in_process_skips_finished_stages(tiny_run):
+  """experiment.run, the function behind the CLI, called in this process with the CLI run's
+  config: the workdir guard takes it as the same run, no stage trains again, and it returns
+  (and writes again) the rows the CLI wrote."""
+  from askd_jax import experiment, stop
+  wd, data, _ = tiny_run
   before = json.loads((wd / "results.json").read_text())["rows"]
-  r = _main(wd, data_dir=data)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "it/s" not in r.stderr  # no training progress bar: every stage was finished
-  after = json.loads((wd / "results.json").read_text())["rows"]
-  assert [x["accuracy"] for x in after] == [x["accuracy"] for x in before]
+  phases = []
+  listener = lambda phase, detail: phases.append(phase)
+  stop.listeners.append(listener)
+  try:
+    rows = experiment.run(tiny_facerec_cfg(data), str(wd))
+  finally:
+    stop.listeners.remove(listener)
+  assert {"guard", "data", "stage", "report"} <= set(phases)
+  assert not {"build", "compile", "step"} & set(phases), phases  # every stage was finished
+  assert {(r["stage"], r["eval_resolution"]) for r in rows} == {
+      ("teacher", "HR"), ("teacher", "7"), ("student_none_7px", "7"), ("student_askd_7px", "7")}
+  assert json.loads(json.dumps(rows)) == before
+  assert json.loads((wd / "results.json").read_text())["rows"] == before
 
 
 def test_evaluate_only(tiny_run):
