@@ -2,11 +2,14 @@
 formats through `askd_jax.data.prepare` and the preset's own `askd_jax.main` command, with a
 SIGKILLed and resumed A-SKD student that must end bit-identical to an uninterrupted one.
 
-The three rehearsals are slow on 2 CPU cores (full-size models: imagenet ~10 min, widerface
-~15 min, casia with its three students much longer, cold), too slow for the default suite:
-they run when ASKD_REHEARSAL=1 is set (`ASKD_REHEARSAL=1 python -m pytest -q
-tests/test_rehearse.py`), and are skipped otherwise. The cheap tests below, always run, check
-that the identity check can fail and that the tables read the loop's records.
+The three full-size rehearsals are slow on 2 CPU cores (imagenet ~10 min, widerface ~15 min,
+casia with its three students much longer, cold), too slow for the default suite: they run
+when ASKD_REHEARSAL=1 is set (`ASKD_REHEARSAL=1 python -m pytest -q tests/test_rehearse.py`),
+and are skipped otherwise. The default suite runs each preset's `--quick --small` rehearsal
+(one student, no reference run, one block per stage: every seam from the file formats to the
+tables, not the full-size networks; docs/scaling.md) and the cheap tests, which check that
+the identity check can fail, that the tables read the loop's records and that --quick and
+--small override only what they say.
 """
 from __future__ import annotations
 
