@@ -2,11 +2,14 @@
 formats through `askd_jax.data.prepare` and the preset's own `askd_jax.main` command, with a
 SIGKILLed and resumed A-SKD student that must end bit-identical to an uninterrupted one.
 
-The three rehearsals are slow on 2 CPU cores (full-size models: imagenet ~10 min, widerface
-~15 min, casia with its three students much longer, cold), too slow for the default suite:
-they run when ASKD_REHEARSAL=1 is set (`ASKD_REHEARSAL=1 python -m pytest -q
-tests/test_rehearse.py`), and are skipped otherwise. The cheap tests below, always run, check
-that the identity check can fail and that the tables read the loop's records.
+The three full-size rehearsals are slow on 2 CPU cores (imagenet ~10 min, widerface ~15 min,
+casia with its three students much longer, cold), too slow for the default suite: they run
+when ASKD_REHEARSAL=1 is set (`ASKD_REHEARSAL=1 python -m pytest -q tests/test_rehearse.py`),
+and are skipped otherwise. The default suite runs each preset's `--quick --small` rehearsal
+(one student, no reference run, one block per stage: every seam from the file formats to the
+tables, not the full-size networks; docs/scaling.md) and the cheap tests, which check that
+the identity check can fail, that the tables read the loop's records and that --quick and
+--small override only what they say.
 """
 from __future__ import annotations
 
@@ -62,6 +65,21 @@ def test_segments_split_processes_and_tables_read_them():
   assert "| resumed | 2 | 0.50 | 5.0 | 1.00 | 1.00 x1 | 14: lfw 3.0 (all 9.0) |" in md
 
 
+def test_quick_and_small_change_only_run_length_and_model_size(tmp_path):
+  """--small touches config.model only; --quick only the students and their evaluation; the
+  preset's command and run-length overrides stay as they are."""
+  for preset in rehearse.PRESETS:
+    args = (preset, str(tmp_path), str(tmp_path / "w"), 2, 2, 2, None, str(tmp_path / "c"))
+    plain = rehearse.main_command(*args)
+    both = rehearse.main_command(*args, quick=True, small=True)
+    assert both[:len(plain)] == plain
+    added = both[len(plain):]
+    assert added == rehearse.QUICK[preset] + rehearse.SMALL[preset]
+    assert all(a.startswith("--config.model.") for a in rehearse.SMALL[preset])
+    assert all(a.startswith("--config.student.") for a in rehearse.QUICK[preset])
+  assert "--config.student.sizes=14," in rehearse.main_command("casia", *args[1:], quick=True)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("ASKD_REHEARSAL") != "1",
                     reason="full-size rehearsal: set ASKD_REHEARSAL=1 to run it")
@@ -76,36 +94,74 @@ def test_rehearsal_of_each_preset_resumes_bit_identically(preset, tmp_path):
   check_rehearsal(preset, out)
 
 
-def check_rehearsal(preset, out):
-  """The assertions on a finished rehearsal's OUT folder."""
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["casia", "imagenet", "widerface"])
+def test_quick_small_rehearsal_of_each_preset_joins_the_seams(preset, tmp_path):
+  """The default suite's rehearsal: --quick --small (one student, the teacher evaluated at HR,
+  no reference run; one block per stage, fewer channels), from the real formats through
+  prepare, the preset's command, SIGKILL, resume, every evaluation set and the tables."""
+  out = tmp_path / preset
+  r = subprocess.run([sys.executable, "-m", "askd_jax.tools.rehearse", f"--preset={preset}",
+                      f"--out={out}", "--steps=2", "--batch=2", "--quick", "--small",
+                      f"--jax_cache_dir={CACHE}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert f"## {EXPECTED_SETS[preset][0]}" in r.stdout
+  assert "resumed from step 1, trained to step 2 (no uninterrupted reference)" in r.stdout
+  check_rehearsal(preset, out, quick=True)
+  # The model-size overrides reached the model; the preset's input size and head did not move.
+  spec = json.loads((out / "workdir" / "teacher" / "model.json").read_text())
+  cfg = json.loads((out / "workdir" / "config.json").read_text())["config"]
+  assert list(cfg["model"]["stage_sizes"]) == [1, 1, 1, 1]
+  assert cfg["data"]["image_size"] == {"casia": 112, "imagenet": 224, "widerface": 640}[preset]
+  if preset == "casia":
+    assert spec["num_classes"] == 10572
+
+
+def check_rehearsal(preset, out, quick=False):
+  """The assertions on a finished rehearsal's OUT folder (quick: one student, the teacher
+  evaluated at HR only, no reference run)."""
   out = pathlib.Path(out)
   rep = json.loads((out / "rehearsal.json").read_text())
   victim, sets = EXPECTED_SETS[preset]
-  assert rep["killed"] == {"stage": victim, "after_checkpoint": 1}
-  assert rep["resume_identical"] is True and rep["resume_differs"] == []
+  assert rep["killed"] == {"stage": victim, "after_checkpoint": 1, "resumed_from": 1,
+                           "trained_steps": 2}
+  if not quick:
+    assert rep["resume_identical"] is True and rep["resume_differs"] == []
+  else:
+    assert "resume_identical" not in rep
   assert rep["runs"]["first (SIGKILL)"]["killed"]
-  # The full-size model of the preset, trained and evaluated on every set at every stage.
+  # The preset's model, trained and evaluated on every set at every stage.
   stages = set(rep["stages"])
   assert victim in stages and "teacher" in stages
-  if preset == "casia":
+  if quick:
+    assert stages == {"teacher", victim}
+  elif preset == "casia":
     assert stages == {"teacher", "student_askd_14px", "student_askd_28px", "student_askd_56px"}
-    assert {k for k in rep["tinyface"]} >= {"tinyface_rank1"}
+  if preset == "casia":  # TinyFace: the tinyface preset's evaluation of the teacher at 24 px
+    assert {k for k in rep["tinyface"]} == {f"tinyface_rank{k}" for k in (1, 5, 10, 20)}
   got = {}
   for row in rep["results"]:
     got.setdefault(row["stage"], set()).add(row["set"])
   assert got == {s: sets for s in stages}, got
+  resolutions = {(row["stage"], row["eval_resolution"]) for row in rep["results"]}
+  if quick:  # the teacher at HR, the student at its own size
+    assert resolutions == {("teacher", "HR"), (victim, victim.split("_")[-1][:-2])}, resolutions
   for name, st in rep["stages"].items():
     ends = [row["end"] for row in st["rows"] if row["end"]]  # a resumed 1-step run times none
-    assert any(e["timed_steps"] >= 1 and e["timed_seconds"] > 0 for e in ends), name
+    if not (quick and name == victim):  # quick: the victim has no uninterrupted run
+      assert any(e["timed_steps"] >= 1 and e["timed_seconds"] > 0 for e in ends), name
     assert st["checkpoint_bytes"] > 0
     evals = [e for row in st["rows"] for e in row["evals"]]
     assert evals, f"{name}: no evaluation recorded"
   # The killed student: trained to step 1 and saved, killed; resumed from 1 to 2.
   rows = rep["stages"][victim]["rows"]
-  assert [row["run"] for row in rows] == ["first (SIGKILL)", "resumed",
-                                         "reference (uninterrupted)"]
+  assert [row["run"] for row in rows] == ["first (SIGKILL)", "resumed"] + (
+      [] if quick else ["reference (uninterrupted)"])
   assert rows[0]["end"] is None and [s["step"] for s in rows[0]["saves"]] == [1]
-  assert rows[1]["end"]["steps_run"] == 1 and rows[2]["end"]["steps_run"] == 2
+  assert rows[1]["end"]["steps_run"] == 1
+  if not quick:
+    assert rows[2]["end"]["steps_run"] == 2
   model = json.loads((out / "workdir" / victim / "model.json").read_text())
   assert model["resumed_from"] == 1 and model["trained_steps"] == 2
 

@@ -301,8 +301,11 @@ def write_insightface_rec(rec_path: str, idx_path: str,
                         b""), key=0)
     for i, (img, label) in enumerate(images, 1):
       w.write(pack_header(IRHeader(0, float(label), i, 0), img), key=i)
+    by_label: dict = {}  # label -> its record indices (one pass: 10k identities are quick)
+    for i, (_, l) in enumerate(images, 1):
+      by_label.setdefault(int(l), []).append(i)
     for j, label in enumerate(labels):
-      ids = [i for i, (_, l) in enumerate(images, 1) if int(l) == label]
+      ids = by_label[label]
       w.write(pack_header(IRHeader(2, np.array([ids[0], ids[-1] + 1], np.float32), 0, 0), b""),
               key=n + 1 + j)
 

@@ -3,9 +3,11 @@
     python -m askd_jax.tools.rehearse --preset=casia --out=/tmp/rehearse_casia
     python -m askd_jax.tools.rehearse --preset=imagenet --out=DIR --steps=200 --batch=128 \\
         --dtype=bfloat16                                   # the paper-scale check on a GPU
+    python -m askd_jax.tools.rehearse --preset=widerface --out=DIR --quick --small
+                                                           # minutes on 2 CPU cores (the tests')
 
 1. writes a few images in the formats the data sets are distributed in (casia: insightface
-   train.rec/.idx with its header record and a CASIA-sized label range, lfw.bin /
+   train.rec/.idx with its header record and CASIA's 10,572 identities, lfw.bin /
    agedb_30.bin / cfp_fp.bin, a TinyFace folder; imagenet: ILSVRC2012_img_{train,val}.tar;
    widerface: WIDER_train/WIDER_val images, wider_face_split txt, eval_tools .mat);
 2. prepares them with `python -m askd_jax.data.prepare`;
@@ -14,10 +16,12 @@
    (steps, batch, checkpoint/log interval, eval batch, loader workers capped at the CPU count,
    one A-SKD student: all three sizes for casia, the first factor for imagenet/widerface);
    the full-size model, sizes, loss weights, dtype and evaluation are the preset's;
+   --quick trains one student (casia: 14 px) and evaluates the teacher at HR only;
+   --small adds the model-size overrides of SMALL (one block per stage, fewer channels);
 4. SIGKILLs the process group once the first A-SKD student has written a checkpoint, re-runs
    the same command (which resumes it and finishes every stage), and with --verify_resume
    trains that student once more uninterrupted (a hard-linked copy of the workdir without
-   the student) and checks that both end with bit-identical parameters;
+   the student) and checks that both end with bit-identical parameters (not with --quick);
 5. prints one table per stage from STAGE/events.jsonl (written by the train loop and the
    evaluation): steps, end-to-end img/s, compile time, peak RSS, checkpoint size / save time,
    evaluation time per set. Also written to OUT/rehearsal.md and OUT/rehearsal.json.
@@ -43,7 +47,21 @@ PRESETS = {  # preset -> (config file, datasets to prepare, overrides beyond the
     "imagenet": ("imagenet.py", "imagenet", ["--config.student.factors=2,"]),
     "widerface": ("widerface.py", "widerface", ["--config.student.factors=16,"]),
 }
-CASIA_LABELS = (0, 1, 2, 10571)  # max label + 1 = CASIA-WebFace's 10,572 identities
+QUICK = {  # --quick: the first A-SKD student only; the teacher evaluated at HR only
+    "casia": ["--config.student.sizes=14,", "--config.student.eval_teacher_lr=False"],
+    "imagenet": ["--config.student.eval_teacher_lr=False"],
+    "widerface": ["--config.student.eval_teacher_lr=False"],
+}
+SMALL = {  # --small: the preset's network with one block per stage and fewer channels
+    "casia": ["--config.model.stage_sizes=1,1,1,1", "--config.model.width=0.25",
+              "--config.model.embedding_dim=64"],
+    "imagenet": ["--config.model.stage_sizes=1,1,1,1", "--config.model.width=16"],
+    "widerface": ["--config.model.stage_sizes=1,1,1,1", "--config.model.width=32",  # GroupNorm(32)
+                  "--config.model.fpn_channels=128", "--config.model.stacked_convs=1"],
+}
+# CASIA-WebFace's 10,572 identities (labels 0..10571, as prepare requires), so the ArcFace
+# head has CASIA's rows: the first 4 with 16 images each, the others with one flat image.
+CASIA_IDENTITIES, CASIA_TRAINED = 10572, 4
 
 
 class RehearsalError(RuntimeError):
@@ -55,15 +73,17 @@ class RehearsalError(RuntimeError):
 def write_casia(manual: str) -> None:
   from askd_jax.data import fixtures
   from askd_jax.data.recordio import write_insightface_rec
-  images = [(fixtures.encode_image(fixtures.identity_pixels(k, i), "JPEG"), label)
-            for i in range(16) for k, label in enumerate(CASIA_LABELS)]
+  images = [(fixtures.encode_image(fixtures.identity_pixels(k, i), "JPEG"), k)
+            for i in range(16) for k in range(CASIA_TRAINED)]
+  flat = fixtures.encode_image(np.full((112, 112, 3), 128, np.uint8), "JPEG")
+  images += [(flat, k) for k in range(CASIA_TRAINED, CASIA_IDENTITIES)]  # one image each
   write_insightface_rec(os.path.join(manual, "train.rec"), os.path.join(manual, "train.idx"),
                         images)
   for j, name in enumerate(("lfw", "agedb_30", "cfp_fp")):
     pix, issame = [], []
     for i in range(10):  # 10 pairs: one per fold
-      a, same = i % len(CASIA_LABELS), i % 2 == 0
-      b = a if same else (a + 1) % len(CASIA_LABELS)
+      a, same = i % CASIA_TRAINED, i % 2 == 0
+      b = a if same else (a + 1) % CASIA_TRAINED
       pix += [fixtures.identity_pixels(a, 1000 * j + 2 * i),
               fixtures.identity_pixels(b, 1000 * j + 2 * i + 1)]
       issame.append(same)
@@ -167,8 +187,10 @@ def stage_names(workdir: str) -> List[str]:
 
 
 def main_command(preset: str, out: str, workdir: str, steps: int, batch: int,
-                 eval_batch: int, dtype: Optional[str], jax_cache_dir: str) -> List[str]:
-  """The preset's own command with run-length overrides only."""
+                 eval_batch: int, dtype: Optional[str], jax_cache_dir: str,
+                 quick: bool = False, small: bool = False) -> List[str]:
+  """The preset's own command with run-length overrides only (and with small=True the
+  model-size overrides of SMALL)."""
   config, _, extra = PRESETS[preset]
   cmd = [sys.executable, "-m", "askd_jax.main",
          f"--config={os.path.join(ROOT, 'configs', config)}:{preset}", f"--workdir={workdir}",
@@ -187,7 +209,7 @@ def main_command(preset: str, out: str, workdir: str, steps: int, batch: int,
     cmd.append(f"--config.data.workers={workers}")
   if dtype:
     cmd.append(f"--config.dtype={dtype}")
-  return cmd
+  return cmd + (QUICK[preset] if quick else []) + (SMALL[preset] if small else [])
 
 
 def load_final_variables(stage_dir: str):
@@ -209,19 +231,22 @@ def compare_variables(a, b) -> List[str]:
 
 def rehearse(preset: str, out: str, steps: int = 2, batch: int = 2, eval_batch: int = 2,
              dtype: Optional[str] = None, verify_resume: bool = True,
-             timeout: float = 0, jax_cache_dir: Optional[str] = None) -> Dict[str, Any]:
+             timeout: float = 0, jax_cache_dir: Optional[str] = None, quick: bool = False,
+             small: bool = False) -> Dict[str, Any]:
   if preset not in PRESETS:
     raise RehearsalError(f"--preset={preset}: use one of {sorted(PRESETS)}")
   if steps < 2:
     raise RehearsalError(f"--steps={steps}: the student is killed after a checkpoint and "
                          "resumed, so it needs at least 2 steps")
+  verify_resume = verify_resume and not quick
   out = os.path.abspath(out)
   if os.path.exists(os.path.join(out, "workdir")):
     raise RehearsalError(f"{out} holds an earlier rehearsal; give a new --out")
   manual, tfds_dir, workdir = (os.path.join(out, d) for d in ("manual", "tfds", "workdir"))
   os.makedirs(manual, exist_ok=True)
   report: Dict[str, Any] = {"preset": preset, "steps": steps, "batch": batch,
-                            "eval_batch": eval_batch, "dtype": dtype, "runs": {}}
+                            "eval_batch": eval_batch, "dtype": dtype, "quick": quick,
+                            "small": small, "runs": {}}
   t = time.time()
   WRITERS[preset](manual)
   report["write_seconds"] = time.time() - t
@@ -235,7 +260,7 @@ def rehearse(preset: str, out: str, steps: int = 2, batch: int = 2, eval_batch: 
   report["runs"]["prepare"] = prep
 
   cmd = main_command(preset, out, workdir, steps, batch, eval_batch, dtype,
-                     jax_cache_dir or os.path.join(out, "xla_cache"))
+                     jax_cache_dir or os.path.join(out, "xla_cache"), quick, small)
   report["command"] = " ".join(cmd[2:])
   victim = None
 
@@ -263,6 +288,10 @@ def rehearse(preset: str, out: str, steps: int = 2, batch: int = 2, eval_batch: 
     raise RehearsalError(f"the resumed run failed (rc {second['rc']}): {_tail(second['log'])}")
   with open(os.path.join(workdir, "results.json")) as f:
     report["results"] = json.load(f)["rows"]
+  with open(os.path.join(vdir, "model.json")) as f:
+    spec = json.load(f)
+  report["killed"].update(resumed_from=spec.get("resumed_from"),
+                          trained_steps=spec.get("trained_steps"))
   if preset == "casia":  # TinyFace: the tinyface preset's own evaluation of this teacher
     tiny = [a.replace(":casia", ":tinyface") for a in cmd if not a.startswith("--config.train.")
             and not a.startswith("--config.student.") and not a.startswith("--workdir=")]
@@ -346,8 +375,9 @@ def _fmt(x, spec=".1f", none="-"):
 
 
 def format_report(report: Dict[str, Any]) -> str:
+  mode = "".join(f", {k}" for k in ("quick", "small") if report.get(k))
   lines = [f"# rehearsal of preset {report['preset']}: {report['steps']} steps per stage, "
-           f"batch {report['batch']}, eval batch {report['eval_batch']}", "",
+           f"batch {report['batch']}, eval batch {report['eval_batch']}{mode}", "",
            f"    python -m {report['command']}", ""]
   for name, st in report["stages"].items():
     ck = st["checkpoint_bytes"]
@@ -374,8 +404,12 @@ def format_report(report: Dict[str, Any]) -> str:
   for name, r in report["runs"].items():
     lines.append(f"| {name} | {r['rc']} | {r['seconds']:.0f} | {r['max_rss_bytes'] / 2**30:.2f} |")
   lines.append("")
+  k = report.get("killed")
+  if k and "resume_identical" not in report:
+    lines.append(f"SIGKILL after {k['stage']}'s checkpoint at step {k['after_checkpoint']}; "
+                 f"resumed from step {k.get('resumed_from')}, trained to step "
+                 f"{k.get('trained_steps')} (no uninterrupted reference)")
   if "resume_identical" in report:
-    k = report["killed"]
     lines.append(f"SIGKILL after {k['stage']}'s checkpoint at step {k['after_checkpoint']}; "
                  "resumed parameters "
                  + ("bit-identical to the uninterrupted reference" if report["resume_identical"]
@@ -393,6 +427,12 @@ _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 2, "config.eval.batch_size.")
 _DTYPE = flags.DEFINE_string("dtype", None, "config.dtype (default: the preset's).")
 _VERIFY = flags.DEFINE_bool("verify_resume", True, "Train the killed student once more "
                             "uninterrupted and require bit-identical parameters.")
+_QUICK = flags.DEFINE_bool("quick", False, "One A-SKD student (casia: 14 px only), the teacher "
+                           "evaluated at HR only, no uninterrupted reference (implies "
+                           "--noverify_resume): the SIGKILL and resume still run.")
+_SMALL = flags.DEFINE_bool("small", False, "Model-size overrides (SMALL: one block per stage, "
+                           "fewer channels); input sizes, data, heads and evaluation stay the "
+                           "preset's.")
 _TIMEOUT = flags.DEFINE_float("timeout", 0, "Seconds per process (0: none).")
 _CACHE = flags.DEFINE_string("jax_cache_dir", None, "config.jax_cache_dir (default OUT/xla_cache: "
                              "cold compiles, measured; a kept folder makes re-runs warm).")
@@ -407,7 +447,8 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:
     report = rehearse(_PRESET.value, _OUT.value, _STEPS.value, _BATCH.value, _EVAL_BATCH.value,
-                      _DTYPE.value, _VERIFY.value, _TIMEOUT.value, _CACHE.value)
+                      _DTYPE.value, _VERIFY.value, _TIMEOUT.value,
+                      _CACHE.value, _QUICK.value, _SMALL.value)
   except RehearsalError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
