@@ -90,3 +90,33 @@ def tiny_facerec_run(tmp_path_factory):
   return wd, data, done.read_text()
 
 
+
+# pytest-xdist scheduling (pyproject.toml: `--dist loadfile --no-loadscope-reorder`). The
+# suite's time on 2 workers is a few long tests and modules whose module-scoped fixtures
+# train something. `loadfile` keeps each module on one worker: plain `load` can hand a
+# module's tests to both workers, and each then builds its module fixtures. (`loadgroup`
+# would allow finer groups, but pytest-xdist 3.8 cannot mark them under pytest 9.) LONG_FIRST
+# hands the long modules out first, so that the short ones fill in at the end and the two
+# workers finish together; the users of the session's tiny_facerec_run (test_main.py first,
+# test_notebooks.py and test_use_model.py much later) are spread out so that one worker
+# rarely waits on the other's file lock. Seconds: a cold CI run on a loaded 2-core machine.
+LONG_FIRST = [
+    "test_sharding.py",            # `equiv`: 1 vs 4 devices, 180 s
+    "test_multihost.py",           # `runs`: 3 multi-process phases, 170 s; 75 s
+    "test_reliability.py",         # `ref_run`, `interrupted`: 145 s; 45 s
+    "test_compare.py",             # 130 s
+    "test_detection_task.py",      # 125 s
+    "test_main.py",                # tiny_facerec_run: 95 s
+    "test_signals.py",             # 60 s, 45 s
+    "test_real_face_data_run.py",  # 90 s
+    "test_classification.py",      # 70 s, 65 s
+    "test_tinaface.py",            # 50 s, 45 s
+]
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    name = item.path.name
+    return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+  items.sort(key=rank)  # stable: collection order within a rank
