@@ -1,6 +1,7 @@
 """Shared test set-up: CPU only, one persistent XLA cache for the whole test run (this
-process and the CLI subprocesses it starts inherit it), and the tiny trained runs that
-several test files share, built once per session even with pytest-xdist."""
+process and the CLI subprocesses it starts inherit it), a cheaper XLA:CPU compile for those
+subprocesses (`cli_env`), and the tiny trained runs that several test files share, built
+once per session even with pytest-xdist."""
 from __future__ import annotations
 
 import fcntl
@@ -43,10 +44,32 @@ def tiny_facerec_cfg(data_dir):
   return c
 
 
+# The suite's CLI runs and multi-device workers train a few steps of tiny models: their time
+# is XLA:CPU compilation, not execution. At backend optimisation level 1 (LLVM -O1) instead
+# of the default 2 they compile in ~60% of the CPU time (the cold TINY_FACEREC run below:
+# 114 -> 68 s of CPU on 2 cores; the same results but one threshold, 1e-3 off).
+# Level 0 (what `jax_disable_most_optimizations` sets) compiles faster still, but its
+# programs give NaN gradients in the iResNet-CBAM and ResNet-CBAM train steps, so it is not
+# used. This pytest process keeps the default level: the fusion and HLO checks
+# (test_ops.py, test_layers.py), the benchmark and trace-count tests and the torch parity
+# tests test the program production runs. XLA_FLAGS is part of JAX's persistent-cache key,
+# so the two levels never share a cache entry.
+CLI_XLA_FLAGS = "--xla_backend_optimization_level=1"
+
+
+def cli_env(env=None, **extra) -> dict:
+  """The environment for a subprocess that runs the package's CLI or a test worker:
+  `env` (default os.environ) and `extra`, with CLI_XLA_FLAGS added to its XLA_FLAGS."""
+  out = dict(os.environ if env is None else env, **extra)
+  out["XLA_FLAGS"] = f"{out.get('XLA_FLAGS', '')} {CLI_XLA_FLAGS}".strip()
+  return out
+
+
 def run_main(workdir, *args, timeout=1500):
   """`python -m askd_jax.main --workdir=WORKDIR ARGS` from the repository root."""
   cmd = [sys.executable, "-m", "askd_jax.main", f"--workdir={workdir}", *args]
-  return subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(cmd, cwd=_ROOT, env=cli_env(), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
@@ -81,3 +104,35 @@ def tiny_facerec_run(tmp_path_factory):
       fcntl.flock(lock, fcntl.LOCK_UN)
   assert not failed.exists(), "the tiny CLI run failed:\n" + failed.read_text()
   return wd, data, done.read_text()
+
+
+
+# pytest-xdist scheduling (pyproject.toml: `--dist loadfile --no-loadscope-reorder`). The
+# suite's time on 2 workers is a few long tests and modules whose module-scoped fixtures
+# train something. `loadfile` keeps each module on one worker: plain `load` can hand a
+# module's tests to both workers, and each then builds its module fixtures. (`loadgroup`
+# would allow finer groups, but pytest-xdist 3.8 cannot mark them under pytest 9.) LONG_FIRST
+# hands the long modules out first, so that the short ones fill in at the end and the two
+# workers finish together; the users of the session's tiny_facerec_run (test_main.py first,
+# test_notebooks.py and test_use_model.py much later) are spread out so that one worker
+# rarely waits on the other's file lock. Seconds: a cold CI run on a loaded 2-core machine.
+LONG_FIRST = [
+    "test_sharding.py",            # `equiv`: 1 vs 4 devices, 180 s
+    "test_multihost.py",           # `runs`: 3 multi-process phases, 170 s; 75 s
+    "test_reliability.py",         # `ref_run`, `interrupted`: 145 s; 45 s
+    "test_compare.py",             # 130 s
+    "test_detection_task.py",      # 125 s
+    "test_main.py",                # tiny_facerec_run: 95 s
+    "test_signals.py",             # 60 s, 45 s
+    "test_real_face_data_run.py",  # 90 s
+    "test_classification.py",      # 70 s, 65 s
+    "test_tinaface.py",            # 50 s, 45 s
+]
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    name = item.path.name
+    return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+  items.sort(key=rank)  # stable: collection order within a rank

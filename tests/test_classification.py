@@ -16,6 +16,8 @@ import pytest
 
 from askd_jax.data import fixtures, imagenet, shapes
 
+from conftest import cli_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SYNSETS = (0, 7, 999)           # class indices in tfds's labels.txt
 VAL_NAMES = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (3, 1, 4, 2)]  # tar order != sorted order
@@ -239,7 +241,7 @@ def test_small_preset_runs_from_the_cli(tmp_path):
           "--config.data.num_train=40", "--config.data.num_test=20",
           f"--config.data.data_dir={tmp_path / 'data'}", "--config.eval.batch_size=10",
           "--config.student.methods=askd", "--config.jax_cache_dir="]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = cli_env(JAX_PLATFORMS="cpu")
   p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert p.returncode == 0, p.stderr[-3000:]
   res = json.loads((workdir / "results.json").read_text())

@@ -11,6 +11,8 @@ import pytest
 
 from askd_jax.data import orl
 
+from conftest import cli_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,7 +70,7 @@ def test_grid_runs_each_split_and_reports_paired_differences(tmp_path):
   cmd = [sys.executable, "-m", "askd_jax.main", "--config=configs/facerec.py:compare",
          f"--workdir={wd}", f"--config.data.data_dir={tmp_path / 'tfds'}",
          f"--config.jax_cache_dir={tmp_path / 'xla'}", *TINY]  # split 1 reuses split 0's programs
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3000)
+  r = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=3000)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   for k in (0, 1):
     run = json.loads((wd / f"split{k}_seed3" / "config.json").read_text())["config"]
@@ -89,7 +91,7 @@ def test_grid_runs_each_split_and_reports_paired_differences(tmp_path):
   ckpts = sorted(str(p.relative_to(wd)) for p in wd.glob("*/*/checkpoints/*"))
   assert len(ckpts) == 6  # 2 runs x (teacher + 2 students)
   mtimes = [os.path.getmtime(wd / p) for p in ckpts]
-  again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  again = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   assert [os.path.getmtime(wd / p) for p in ckpts] == mtimes  # nothing trained again
   assert json.loads((wd / "results.json").read_text())["cells"] == summary["cells"]

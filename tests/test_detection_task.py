@@ -30,6 +30,8 @@ from askd_jax.data import synthetic_faces as sf
 from askd_jax.evaluate.widerface import DIFFICULTIES, ImageGT, evaluate_widerface
 from askd_jax.tasks import detection as det
 
+from conftest import cli_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -301,7 +303,7 @@ def test_tiny_teacher_and_askd_student_from_the_cli(tmp_path):
   # (--xla_backend_optimization_level=0 would halve the compile time, but it gives NaN
   # gradients on this model with XLA CPU.)
   # The rbg PRNG halves the compile time of the jitted initialisation (threefry unrolls).
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_PRNG_IMPL="rbg")
+  env = cli_env(JAX_PLATFORMS="cpu", JAX_DEFAULT_PRNG_IMPL="rbg")
   p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert p.returncode == 0, p.stderr[-3000:]
   res = json.loads((workdir / "results.json").read_text())

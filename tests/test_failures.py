@@ -21,13 +21,15 @@ import pytest
 
 from askd_jax import stop
 
+from conftest import cli_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _env():
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("XLA_FLAGS", None)
-  return env
+  return cli_env(env)
 
 
 def _cli(args, tmp_path, timeout=300):

@@ -21,6 +21,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import cli_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # multihost_worker
 WORKER = os.path.join(HERE, "multihost_worker.py")
@@ -29,7 +31,7 @@ TIMEOUT = 1800  # seconds per phase: about a minute on an idle 2-core machine, f
 
 
 def _env():
-  return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return cli_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def _free_port() -> int:

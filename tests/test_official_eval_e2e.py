@@ -39,6 +39,8 @@ from askd_jax.tools import convert  # noqa: E402
 from askd_jax.tools import torch_reference as tr  # noqa: E402
 import ref_official_verification as ref_ver  # noqa: E402
 
+from conftest import cli_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HR = 112  # the official loader's high resolution
 N_PAIRS = 60
@@ -155,7 +157,7 @@ def _cli(preset, model_dir, data_dir, sizes, *extra):
   cmd = [sys.executable, "-m", "askd_jax.main", f"--config=configs/facerec.py:{preset}",
          f"--evaluate={model_dir}", f"--eval_sizes={sizes}", f"--config.data.data_dir={data_dir}",
          "--config.eval.batch_size=128", "--config.jax_cache_dir=", *extra]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  r = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   return json.loads(r.stdout[r.stdout.index("{"):])
 

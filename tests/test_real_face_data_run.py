@@ -11,6 +11,8 @@ import sys
 from askd_jax.data import faces, fixtures
 from askd_jax.data.recordio import write_insightface_rec
 
+from conftest import cli_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,7 +38,7 @@ def test_casia_preset_trains_and_verifies_on_prepared_files(tmp_path):
          "--config.model.stage_sizes=1,1,1,1", "--config.model.embedding_dim=16",
          "--config.train.steps=2", "--config.train.batch_size=8", "--config.student.sizes=7,",
          "--config.student.methods=askd,", "--config.jax_cache_dir="]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  r = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   rows = json.loads((wd / "results.json").read_text())["rows"]
   assert {(x["method"], x["eval_resolution"], x["set"]) for x in rows} == {

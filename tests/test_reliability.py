@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cli_env
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 BASE = ["--config=configs/facerec.py", "--config.data.image_size=16", "--config.model.width=0.125",
@@ -76,7 +78,7 @@ def _cmd(workdir, common, *extra):
 def _env():
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("XLA_FLAGS", None)  # one CPU device, whatever the caller set
-  return env
+  return cli_env(env)
 
 
 class Proc:

@@ -17,13 +17,15 @@ from jax.sharding import PartitionSpec
 
 from askd_jax.train import sharding as shd
 
+from conftest import cli_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multihost_worker.py")
 ROOT = os.path.dirname(HERE)
 
 
 def run_worker(args, timeout):
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = cli_env(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   p = subprocess.run([sys.executable, WORKER, *args], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=timeout)
   if p.returncode:

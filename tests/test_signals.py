@@ -31,6 +31,8 @@ import pytest
 
 from askd_jax import stop
 
+from conftest import cli_env
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 pytestmark = pytest.mark.slow
@@ -199,7 +201,7 @@ def test_signals_at_random_moments_are_honoured(reference, tmp_path):
 def _env():
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   env.pop("XLA_FLAGS", None)
-  return env
+  return cli_env(env)
 
 
 CLI = ["--config=configs/facerec.py", "--config.data.image_size=16", "--config.model.width=0.125",
