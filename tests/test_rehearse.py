@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from askd_jax.tools import rehearse
+from conftest import cli_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
@@ -104,7 +105,7 @@ def test_quick_small_rehearsal_of_each_preset_joins_the_seams(preset, tmp_path):
   r = subprocess.run([sys.executable, "-m", "askd_jax.tools.rehearse", f"--preset={preset}",
                       f"--out={out}", "--steps=2", "--batch=2", "--quick", "--small",
                       f"--jax_cache_dir={CACHE}"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                     cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   assert f"## {EXPECTED_SETS[preset][0]}" in r.stdout
   assert "resumed from step 1, trained to step 2 (no uninterrupted reference)" in r.stdout
