@@ -1,12 +1,15 @@
 """What the train loop asks of a task. A task supplies the model, data, loss and evaluator."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+log = logging.getLogger(__name__)
 
 
 class Task:
@@ -48,6 +51,7 @@ class Task:
     """Shuffled, sharded, batched training records: decode, augment, keep `batch_keys`."""
     from askd_jax.data import pipeline
     ops = [*self.data.get("train_transforms", ()), *self.augment_transforms()]
+    log.info("training records: %s", " | ".join(map(repr, ops)) or "as stored")
     return pipeline.make_train_loader(self.data["train"], global_batch_size=global_batch,
                                       seed=seed, transforms=ops,
                                       worker_count=self.cfg.data.get("workers", 0),
