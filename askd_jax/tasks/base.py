@@ -58,7 +58,12 @@ class Task:
                                       keys=self.batch_keys)
 
   # --- model -------------------------------------------------------------------------
-  def model(self, dtype=jnp.float32, spec: Dict[str, Any] | None = None):
+  def model(self, dtype=jnp.float32, spec: Dict[str, Any] | None = None,
+            platform: str | None = None):
+    """The flax model of `spec` (default: this config's). `platform` is where it will run
+    (a device's `.platform`; the train loop passes its mesh's, default JAX's default
+    backend): `ops.on_cpu(platform)` becomes the model's `cpu_ops` field, so its layers use
+    askd_jax.ops' XLA:CPU formulations exactly there. The parameters are the same."""
     raise NotImplementedError
 
   def spec(self) -> Dict[str, Any]:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from askd_jax import distill as distill_lib
+from askd_jax import ops
 from askd_jax import stop
 from askd_jax.data import degrade as degrade_lib
 from askd_jax.data import pipeline
@@ -163,7 +164,8 @@ def build(cfg, task, stage: Stage, stage_dir: str, mesh) -> Built:
   steps_per_epoch = max(task.num_train_examples // gbatch, 1)
   total_steps = tcfg.get("steps", 0) or int(round(tcfg.epochs * steps_per_epoch))
   dtype = jnp.dtype(cfg.get("dtype", "float32"))
-  model = task.model(dtype=dtype)
+  platform = mesh.devices.flat[0].platform  # the one backend choice: models, step, compiler
+  model = task.model(dtype=dtype, platform=platform)
   tx = sgd_torch(_schedule(tcfg, steps_per_epoch, total_steps), tcfg.momentum,
                  tcfg.weight_decay, tcfg.get("nesterov", True))
 
@@ -173,7 +175,7 @@ def build(cfg, task, stage: Stage, stage_dir: str, mesh) -> Built:
   if stage.kind == "student":
     teacher_vars, tspec = ckpt_lib.load_model(stage.teacher)
     task.check_teacher(tspec, stage.teacher)
-    teacher_model = task.model(dtype=dtype, spec=tspec)
+    teacher_model = task.model(dtype=dtype, spec=tspec, platform=platform)
     meta["teacher"] = {"path": os.path.abspath(stage.teacher),
                        "params_hash": ckpt_lib.params_hash(teacher_vars["params"])}
     teacher_vars = jax.device_put(teacher_vars, shd.replicated(mesh))
@@ -197,8 +199,9 @@ def build(cfg, task, stage: Stage, stage_dir: str, mesh) -> Built:
   dname = stage.method if stage.kind == "student" else "none"
   distill_fn = distill_lib.get(dname) if dname != "none" else None
   dcfg = cfg.distill.get(dname, {}) if distill_fn else None
-  step_fn = make_train_step(task=task, model=model, tx=tx, teacher_model=teacher_model,
-                            distill_fn=distill_fn, distill_cfg=dcfg, degrade_fn=degrade_fn)
+  step_fn = make_train_step(task=task, model=model, tx=tx, cpu_ops=ops.on_cpu(platform),
+                            teacher_model=teacher_model, distill_fn=distill_fn,
+                            distill_cfg=dcfg, degrade_fn=degrade_fn)
   jstep = shd.jit_train_step(step_fn, mesh, state_sh)  # batch split on 'data', state as state_sh
   return Built(stage=stage, stage_dir=stage_dir, mesh=mesh, batch_size=gbatch,
                total_steps=total_steps, tx=tx, meta=meta, init_fn=init_fn, init_key=init_key,
