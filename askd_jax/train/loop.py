@@ -135,7 +135,6 @@ class Built:
   mesh: Any
   batch_size: int            # global
   total_steps: int
-  tx: Any                    # the optimizer
   meta: Dict[str, Any]       # saved with every checkpoint: stage, config hash, teacher
   init_fn: Callable          # key -> a fresh TrainState
   init_key: Any
@@ -204,7 +203,7 @@ def build(cfg, task, stage: Stage, stage_dir: str, mesh) -> Built:
                             distill_cfg=dcfg, degrade_fn=degrade_fn)
   jstep = shd.jit_train_step(step_fn, mesh, state_sh)  # batch split on 'data', state as state_sh
   return Built(stage=stage, stage_dir=stage_dir, mesh=mesh, batch_size=gbatch,
-               total_steps=total_steps, tx=tx, meta=meta, init_fn=init_fn, init_key=init_key,
+               total_steps=total_steps, meta=meta, init_fn=init_fn, init_key=init_key,
                state_sh=state_sh, mgr=mgr, jstep=jstep, teacher_vars=teacher_vars, seed=seed,
                prefetch=cfg.data.get("prefetch", 2), log_every=tcfg.get("log_every", 10),
                checkpoint_every=tcfg.get("checkpoint_every", 0),
