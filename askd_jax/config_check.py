@@ -105,6 +105,8 @@ def validate(cfg) -> None:
     _fail(f"config.seed={cfg.get('seed')!r} must be an integer")
   _positive("shard_params_min_size", cfg.get("shard_params_min_size", 0), integer=True,
             zero_ok=True)
+  if cfg.get("data") is not None:
+    _positive("data.prefetch", cfg.data.get("prefetch", 2), integer=True)
   if task == "facerec":
     _check_face_data(cfg.data)
     _check_face_model(cfg.model)

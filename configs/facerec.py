@@ -53,6 +53,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
   c.data.image_size = 112          # model input (HR) size
   c.data.augment = "flip"          # flip (official) | demo (flip, shift/scale, brightness) | none
   c.data.workers = 0               # grain worker processes for decoding
+  c.data.prefetch = 2              # batches put on the devices ahead of the step
   c.data.verification = ("lfw", "agedb_30", "cfp_fp")  # prepared .bin sets (real data)
   c.data.tinyface = False
   c.data.num_pairs = 600           # demo only

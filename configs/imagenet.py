@@ -70,6 +70,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
   c.data.crop_ratio = (3 / 4, 4 / 3)
   c.data.flip = True
   c.data.workers = 16              # grain worker processes decoding JPEGs (0: in-process)
+  c.data.prefetch = 2              # batches put on the devices ahead of the step
   c.data.num_train = 0             # shapes only: generated images per split
   c.data.num_test = 0
 

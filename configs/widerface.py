@@ -73,6 +73,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
   c.data.crop_choice = (0.3, 0.45, 0.6, 0.8, 1.0)  # RandomSquareCrop: side / short side
   c.data.flip = True
   c.data.workers = 8               # grain worker processes decoding JPEGs (0: in-process)
+  c.data.prefetch = 2              # batches put on the devices ahead of the step
   # synthetic only
   c.data.num_train = 0
   c.data.num_val = 0

@@ -205,7 +205,8 @@ def run_equiv(out_path: str) -> None:
     mesh = shd.make_mesh(jax.devices()[:n_dev])
     model = task.model(dtype=dtype)
     state_sh = shd.state_shardings(state0, mesh, shard_min)
-    step = make_train_step(task=task, model=model, tx=tx, teacher_model=teacher_model,
+    step = make_train_step(task=task, model=model, tx=tx, cpu_ops=model.backbone.cpu_ops,
+                           teacher_model=teacher_model,
                            distill_fn=distill_lib.get(method), distill_cfg=cfg.distill[method],
                            degrade_fn=degrade_fn)
     absd = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), t)

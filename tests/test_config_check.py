@@ -94,6 +94,7 @@ CASES = [
      ["config.distill.askd.weight=-1.0", ">= 0"]),
     ("bad_eval_batch", _set("eval.batch_size", 0), ["config.eval.batch_size=0"]),
     ("negative_workers", _set("data.workers", -1), ["config.data.workers=-1", ">= 0"]),
+    ("no_prefetch", _set("data.prefetch", 0), ["config.data.prefetch=0", "integer > 0"]),
 ]
 
 

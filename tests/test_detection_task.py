@@ -275,8 +275,9 @@ def test_full_size_askd_student_step_shapes_640():
 
   state = jax.eval_shape(init, jax.random.key(0))
   teacher = {"params": state.params, "batch_stats": state.batch_stats}
-  step = make_train_step(task=task, model=model, tx=tx, teacher_model=model,
-                         distill_fn=distill.get("askd"), distill_cfg=cfg.distill.askd,
+  step = make_train_step(task=task, model=model, tx=tx, cpu_ops=model.net.cpu_ops,
+                         teacher_model=model, distill_fn=distill.get("askd"),
+                         distill_cfg=cfg.distill.askd,
                          degrade_fn=degrade.make_degrade(student_degrade_cfg(cfg.student, (40,))))
   new_state, metrics = jax.eval_shape(step, state, teacher, batch)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), new_state.params) == \

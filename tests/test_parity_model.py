@@ -18,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="parity tests compare against PyTorch (optional)")
 
+from askd_jax import ops  # noqa: E402
 from askd_jax.models import ArcFace, MarginModel, iresnet_cbam  # noqa: E402
 from askd_jax.tools import convert  # noqa: E402
 from askd_jax.tools import torch_reference as tr  # noqa: E402
@@ -74,7 +75,7 @@ def test_full_iresnet50_eval_parity(full):
   x = _inputs(2, 112)
   with torch.no_grad():
     emb_t, ft = net(torch.from_numpy(x))
-  model = MarginModel(iresnet_cbam(50))
+  model = MarginModel(iresnet_cbam(50, cpu_ops=ops.on_cpu()))  # as the task builds it here
   out, fj = jax.jit(model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert float(emb_t.abs().max()) > 0.1  # a non-trivial embedding
   assert _max_diff(out["embedding"], emb_t) <= 1e-4
@@ -98,7 +99,8 @@ def small(tmp_path_factory):
   margin = tr.ArcMarginProduct(512, CLASSES)
   variables, arch = _save_official(tmp_path_factory, net, margin)
   model = MarginModel(iresnet_cbam(stage_sizes=arch["stage_sizes"], width=arch["width"],
-                                   dropout=0.0), ArcFace(num_classes=arch["num_classes"]))
+                                   dropout=0.0, cpu_ops=ops.on_cpu()),
+                      ArcFace(num_classes=arch["num_classes"]))
   return net, margin, variables, model
 
 
@@ -256,7 +258,8 @@ def test_bgr_official_equals_converted_rgb(small, tmp_path):
   bgr = _inputs(2, SMALL["input_size"], seed=4)  # what the official model is fed
   with torch.no_grad():
     ref, _ = net(torch.from_numpy(bgr))
-  model = iresnet_cbam(stage_sizes=SMALL["stage_sizes"], width=SMALL["width"])
+  model = iresnet_cbam(stage_sizes=SMALL["stage_sizes"], width=SMALL["width"],
+                       cpu_ops=ops.on_cpu())
   bb = {c: rgb_vars[c]["backbone"] for c in ("params", "batch_stats")}
   fwd = jax.jit(lambda x: model.apply(bb, x)[0])
   rgb = jnp.asarray(bgr[:, ::-1].transpose(0, 2, 3, 1))

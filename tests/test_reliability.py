@@ -188,6 +188,8 @@ def interrupted(tmp_path_factory, common) -> tuple:
   run 1 and 2: SIGKILL 0-0.6 s after 1-2 new checkpoints (any step, maybe mid-save);
   run 3: SIGTERM once the student has two checkpoints (a copy of the workdir is kept);
   run 4: SIGKILL as in run 1 if it is still training; then runs until it exits 0.
+  Run n puts 1 + n % 3 batches on the device ahead of the step (data.prefetch; the reference
+  run 2): a checkpoint must hold the position after the batches consumed, not those read.
   """
   def build(d):
     seed = int.from_bytes(os.urandom(4), "little")
@@ -195,7 +197,8 @@ def interrupted(tmp_path_factory, common) -> tuple:
     w = d / "w"
     info = {"seed": seed, "kills": [], "codes": []}
     for n in range(1, 9):
-      p = Proc(_cmd(w, common), d, f"run{n}")
+      # data.prefetch changes between runs: the saved input position is the consumed one
+      p = Proc(_cmd(w, common, f"--config.data.prefetch={1 + n % 3}"), d, f"run{n}")
       seen = ckpt_steps(w)
       if n == 3:
         student = lambda: ckpt_steps(w, STAGES[1])

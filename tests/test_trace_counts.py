@@ -41,7 +41,8 @@ def _student_step(task, model):
   t = model.init({"params": jax.random.key(2)}, task.preprocess(jax.tree.map(jnp.asarray, batch)),
                  jnp.asarray(batch["label"]), train=True)
   teacher = {"params": t["params"], "batch_stats": t["batch_stats"]}
-  step = make_train_step(task=task, model=model, tx=tx, teacher_model=model,
+  step = make_train_step(task=task, model=model, tx=tx, cpu_ops=model.backbone.cpu_ops,
+                         teacher_model=model,
                          distill_fn=distill.get("askd"), distill_cfg=cfg.distill.askd,
                          degrade_fn=degrade.make_degrade(student_degrade_cfg(cfg.student, (8,))))
   traces = []

@@ -1,6 +1,7 @@
 """CBAM (Woo et al. 2018) as the A-SKD code uses it, exposing the pre-sigmoid maps."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Tuple
 
 import jax
@@ -13,21 +14,21 @@ from askd_jax.models.layers import conv
 Dtype = Any
 
 
-@jax.custom_vjp
-def gate_channels(x: jax.Array, s: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gate_channels(x: jax.Array, s: jax.Array, cpu: bool) -> jax.Array:
   """x (B, H, W, C) * s (B, C) (float32) per channel; the gate's gradient is
   `ops.spatial_sum`."""
   return x * s.astype(x.dtype)[:, None, None, :]
 
 
-def _gate_fwd(x, s):
-  return gate_channels(x, s), (x, s)
+def _gate_fwd(x, s, cpu):
+  return gate_channels(x, s, cpu), (x, s)
 
 
-def _gate_bwd(res, g):
+def _gate_bwd(cpu, res, g):
   x, s = res
   dx = g * s.astype(g.dtype)[:, None, None, :]
-  return dx, ops.spatial_sum(g.astype(jnp.float32) * x.astype(jnp.float32))
+  return dx, ops.spatial_sum(g.astype(jnp.float32) * x.astype(jnp.float32), cpu=cpu)
 
 
 gate_channels.defvjp(_gate_fwd, _gate_bwd)
@@ -37,6 +38,7 @@ class ChannelAttention(nn.Module):
   """Shared MLP over avg- and max-pooled features; returns (x * sigmoid(a), a), a: (B, C)."""
   reduction: int = 16
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False  # askd_jax.ops' XLA:CPU formulations (see models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
@@ -45,11 +47,11 @@ class ChannelAttention(nn.Module):
     dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                      kernel_init=nn.initializers.xavier_uniform(), name=name)
     # One matmul for both pooled vectors: (2B, C) -> (2B, C/r) -> (2B, C).
-    avg = (ops.spatial_sum(x) / (x.shape[1] * x.shape[2])).astype(x.dtype)
-    pooled = jnp.concatenate([avg, ops.spatial_max(x)], axis=0)
+    avg = (ops.spatial_sum(x, cpu=self.cpu_ops) / (x.shape[1] * x.shape[2])).astype(x.dtype)
+    pooled = jnp.concatenate([avg, ops.spatial_max(x, cpu=self.cpu_ops)], axis=0)
     h = dense(c, "fc2")(nn.relu(dense(hidden, "fc1")(pooled)))
     att = (h[:b] + h[b:]).astype(jnp.float32)  # (B, C), pre-sigmoid
-    return gate_channels(x, jax.nn.sigmoid(att)), att
+    return gate_channels(x, jax.nn.sigmoid(att), self.cpu_ops), att
 
 
 class SpatialAttention(nn.Module):
@@ -59,12 +61,14 @@ class SpatialAttention(nn.Module):
   """
   kernel_size: int = 3
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
     pooled = jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True),
                               jnp.max(x, axis=-1, keepdims=True)], axis=-1)
-    att = conv(1, self.kernel_size, dtype=self.dtype, name="conv")(pooled)[..., 0]
+    att = conv(1, self.kernel_size, dtype=self.dtype, cpu_ops=self.cpu_ops,
+               name="conv")(pooled)[..., 0]
     att = att.astype(jnp.float32)  # (B, H, W), pre-sigmoid
     return x * jax.nn.sigmoid(att).astype(x.dtype)[..., None], att
 
@@ -74,9 +78,10 @@ class CBAM(nn.Module):
   reduction: int = 16
   spatial_kernel: int = 3
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
 
   @nn.compact
   def __call__(self, x):
-    x, ca = ChannelAttention(self.reduction, self.dtype, name="channel")(x)
-    x, sa = SpatialAttention(self.spatial_kernel, self.dtype, name="spatial")(x)
+    x, ca = ChannelAttention(self.reduction, self.dtype, self.cpu_ops, name="channel")(x)
+    x, sa = SpatialAttention(self.spatial_kernel, self.dtype, self.cpu_ops, name="spatial")(x)
     return x, ca, sa

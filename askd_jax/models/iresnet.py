@@ -31,19 +31,22 @@ class BottleneckIRCBAM(nn.Module):
   stride: int
   reduction: int = 16
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
+    cpu = self.cpu_ops
+    bn = lambda name: BatchNorm(dtype=self.dtype, cpu_ops=cpu, name=name)
     r = bn("bn1")(x, train)
-    r = conv(self.features, 3, dtype=self.dtype, name="conv1")(r)
+    r = conv(self.features, 3, dtype=self.dtype, cpu_ops=cpu, name="conv1")(r)
     r = bn("bn2")(r, train)
-    r = PReLU(name="prelu")(r)
-    r = conv(self.features, 3, self.stride, dtype=self.dtype, name="conv2")(r)
+    r = PReLU(cpu_ops=cpu, name="prelu")(r)
+    r = conv(self.features, 3, self.stride, dtype=self.dtype, cpu_ops=cpu, name="conv2")(r)
     r = bn("bn3")(r, train)
-    r, ca, sa = CBAM(self.reduction, 3, self.dtype, name="cbam")(r)
+    r, ca, sa = CBAM(self.reduction, 3, self.dtype, cpu, name="cbam")(r)
     if x.shape[-1] != self.features or self.stride != 1:
-      x = conv(self.features, 1, self.stride, dtype=self.dtype, name="shortcut_conv")(x)
+      x = conv(self.features, 1, self.stride, dtype=self.dtype, cpu_ops=cpu,
+               name="shortcut_conv")(x)
       x = bn("shortcut_bn")(x, train)
     return x + r, ca, sa
 
@@ -57,27 +60,29 @@ class IResNetCBAM(nn.Module):
   dropout: float = 0.4
   reduction: int = 16
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False  # askd_jax.ops' XLA:CPU formulations (see models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Tuple[jax.Array, Features]:
+    cpu = self.cpu_ops
     x = x.astype(self.dtype)
-    x = conv(self.stem_width, 3, dtype=self.dtype, name="stem_conv")(x)
-    x = BatchNorm(dtype=self.dtype, name="stem_bn")(x, train)
-    x = PReLU(name="stem_prelu")(x)
+    x = conv(self.stem_width, 3, dtype=self.dtype, cpu_ops=cpu, name="stem_conv")(x)
+    x = BatchNorm(dtype=self.dtype, cpu_ops=cpu, name="stem_bn")(x, train)
+    x = PReLU(cpu_ops=cpu, name="stem_prelu")(x)
     stages, cmaps, smaps = [], [], []
     for i, (n, w) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(n):
-        x, ca, sa = BottleneckIRCBAM(w, 2 if j == 0 else 1, self.reduction, self.dtype,
+        x, ca, sa = BottleneckIRCBAM(w, 2 if j == 0 else 1, self.reduction, self.dtype, cpu,
                                      name=f"layer{i + 1}_{j}")(x, train)
         cmaps.append(ca)
         smaps.append(sa)
       stages.append(x)
-    x = BatchNorm(dtype=self.dtype, name="out_bn")(x, train)
+    x = BatchNorm(dtype=self.dtype, cpu_ops=cpu, name="out_bn")(x, train)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.embedding_dim, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.xavier_uniform(), name="fc")(x)
-    emb = BatchNorm(dtype=jnp.float32, name="fc_bn")(x.astype(jnp.float32), train)
+    emb = BatchNorm(dtype=jnp.float32, cpu_ops=cpu, name="fc_bn")(x.astype(jnp.float32), train)
     return emb, Features(embedding=emb, stages=tuple(stages), channel_maps=tuple(cmaps),
                          spatial_maps=tuple(smaps))
 

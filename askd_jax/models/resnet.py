@@ -20,10 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from askd_jax import ops
 from askd_jax.models.cbam import CBAM
 from askd_jax.models.features import Features
-from askd_jax.models.layers import BatchNorm
+from askd_jax.models.layers import BatchNorm, ops_conv
 
 Dtype = Any
 
@@ -31,14 +30,14 @@ Dtype = Any
 kaiming_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv_kaiming(features: int, kernel: int, stride: int = 1, *, dtype: Dtype,
+def conv_kaiming(features: int, kernel: int, stride: int = 1, *, dtype: Dtype, cpu_ops: bool,
                  name: Optional[str] = None) -> nn.Conv:
   """Bias-free conv with PyTorch padding (kernel // 2) and torchvision's init."""
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
                  param_dtype=jnp.float32, kernel_init=kaiming_fan_out,
-                 conv_general_dilated=ops.conv_general_dilated, name=name)
+                 conv_general_dilated=ops_conv(cpu_ops), name=name)
 
 
 class BasicBlockCBAM(nn.Module):
@@ -47,14 +46,17 @@ class BasicBlockCBAM(nn.Module):
   stride: int = 1
   reduction: int = 16
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
-    r = conv_kaiming(self.features, 3, self.stride, dtype=self.dtype, name="conv1")(x)
+    bn = lambda name: BatchNorm(dtype=self.dtype, cpu_ops=self.cpu_ops, name=name)
+    cv = lambda f, k, s, name: conv_kaiming(f, k, s, dtype=self.dtype, cpu_ops=self.cpu_ops,
+                                            name=name)
+    r = cv(self.features, 3, self.stride, "conv1")(x)
     r = nn.relu(bn("bn1")(r, train))
-    r = conv_kaiming(self.features, 3, dtype=self.dtype, name="conv2")(r)
+    r = cv(self.features, 3, 1, "conv2")(r)
     r = bn("bn2")(r, train)
     return _cbam_add(self, x, r, self.features, train)
 
@@ -65,16 +67,19 @@ class BottleneckCBAM(nn.Module):
   stride: int = 1
   reduction: int = 16
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
-    r = conv_kaiming(self.features, 1, dtype=self.dtype, name="conv1")(x)
+    bn = lambda name: BatchNorm(dtype=self.dtype, cpu_ops=self.cpu_ops, name=name)
+    cv = lambda f, k, s, name: conv_kaiming(f, k, s, dtype=self.dtype, cpu_ops=self.cpu_ops,
+                                            name=name)
+    r = cv(self.features, 1, 1, "conv1")(x)
     r = nn.relu(bn("bn1")(r, train))
-    r = conv_kaiming(self.features, 3, self.stride, dtype=self.dtype, name="conv2")(r)
+    r = cv(self.features, 3, self.stride, "conv2")(r)
     r = nn.relu(bn("bn2")(r, train))
-    r = conv_kaiming(self.features * 4, 1, dtype=self.dtype, name="conv3")(r)
+    r = cv(self.features * 4, 1, 1, "conv3")(r)
     r = bn("bn3")(r, train)
     return _cbam_add(self, x, r, self.features * 4, train)
 
@@ -84,10 +89,11 @@ def _cbam_add(block: nn.Module, x, r, out_features: int, train: bool):
 
   Called inside a block's compact __call__, so the submodules are named in that block.
   """
-  r, ca, sa = CBAM(block.reduction, 7, block.dtype, name="cbam")(r)
+  r, ca, sa = CBAM(block.reduction, 7, block.dtype, block.cpu_ops, name="cbam")(r)
   if x.shape[-1] != out_features or block.stride != 1:
-    x = conv_kaiming(out_features, 1, block.stride, dtype=block.dtype, name="downsample_conv")(x)
-    x = BatchNorm(dtype=block.dtype, name="downsample_bn")(x, train)
+    x = conv_kaiming(out_features, 1, block.stride, dtype=block.dtype, cpu_ops=block.cpu_ops,
+                     name="downsample_conv")(x)
+    x = BatchNorm(dtype=block.dtype, cpu_ops=block.cpu_ops, name="downsample_bn")(x, train)
   return nn.relu(x + r), ca, sa
 
 
@@ -108,19 +114,21 @@ class ResNetCBAM(nn.Module):
   width: int = 64
   reduction: int = 16
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False  # askd_jax.ops' XLA:CPU formulations (see models/layers.py)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
     x = x.astype(self.dtype)
-    x = conv_kaiming(self.width, 7, 2, dtype=self.dtype, name="stem_conv")(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, name="stem_bn")(x, train))
+    x = conv_kaiming(self.width, 7, 2, dtype=self.dtype, cpu_ops=self.cpu_ops,
+                     name="stem_conv")(x)
+    x = nn.relu(BatchNorm(dtype=self.dtype, cpu_ops=self.cpu_ops, name="stem_bn")(x, train))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pads with -inf
     stages, cmaps, smaps = [], [], []
     for i, n in enumerate(self.stage_sizes):
       for j in range(n):
         stride = 2 if (i > 0 and j == 0) else 1
         x, ca, sa = self.block(self.width * 2 ** i, stride, self.reduction, self.dtype,
-                               name=f"layer{i + 1}_{j}")(x, train)
+                               self.cpu_ops, name=f"layer{i + 1}_{j}")(x, train)
         cmaps.append(ca)
         smaps.append(sa)
       stages.append(x)

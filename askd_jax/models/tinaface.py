@@ -66,6 +66,7 @@ class ConvNorm(nn.Module):
   norm: str = "bn"
   init: Any = nn.initializers.xavier_uniform()
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, level: Optional[int] = None):
@@ -73,7 +74,8 @@ class ConvNorm(nn.Module):
     x = _conv(self.features, self.kernel, self.stride, init=self.init, dtype=self.dtype,
               use_bias=False, name="conv")(x)
     if self.norm == "bn":
-      x = BatchNorm(dtype=self.dtype, name="bn" if level is None else f"bn{level}")(x, train)
+      x = BatchNorm(dtype=self.dtype, cpu_ops=self.cpu_ops,
+                    name="bn" if level is None else f"bn{level}")(x, train)
     else:
       x = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
                        name="gn")(x)
@@ -85,11 +87,12 @@ class FPN(nn.Module):
   channels: int = 256
   norm: str = "bn"
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
 
   @nn.compact
   def __call__(self, inputs: Sequence[jax.Array], train: bool) -> Tuple[jax.Array, ...]:
     cn = lambda k, s, name: ConvNorm(self.channels, k, s, norm=self.norm, dtype=self.dtype,
-                                     name=name)
+                                     cpu_ops=self.cpu_ops, name=name)
     lat = [cn(1, 1, f"lateral{i}")(c, train) for i, c in enumerate(inputs)]
     for i in range(len(lat) - 1, 0, -1):
       b, h, w, c = lat[i - 1].shape  # resize to the exact size: odd inputs round up
@@ -105,13 +108,15 @@ class Inception(nn.Module):
   channels: int = 256
   norm: str = "bn"
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, level: Optional[int] = None):
     c = self.channels
     if c % 4:
       raise ValueError(f"Inception channels={c} must be divisible by 4")
-    cn = lambda f, relu, name: ConvNorm(f, 3, 1, relu, self.norm, dtype=self.dtype, name=name)
+    cn = lambda f, relu, name: ConvNorm(f, 3, 1, relu, self.norm, dtype=self.dtype,
+                                        cpu_ops=self.cpu_ops, name=name)
     x3 = cn(c // 2, False, "b3")(x, train, level)
     x5_1 = cn(c // 4, True, "b5_1")(x, train, level)
     x5 = cn(c // 4, False, "b5_2")(x5_1, train, level)
@@ -127,15 +132,16 @@ class IoUAwareHead(nn.Module):
   stacked_convs: int = 4
   norm: str = "bn"
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, level: Optional[int] = None):
     std001 = nn.initializers.normal(0.01)
     cls_feat, reg_feat = x, x
     for i in range(self.stacked_convs):
-      cls_feat = ConvNorm(self.channels, 3, 1, True, self.norm, std001, self.dtype,
+      cls_feat = ConvNorm(self.channels, 3, 1, True, self.norm, std001, self.dtype, self.cpu_ops,
                           name=f"cls_conv{i}")(cls_feat, train, level)
-      reg_feat = ConvNorm(self.channels, 3, 1, True, self.norm, std001, self.dtype,
+      reg_feat = ConvNorm(self.channels, 3, 1, True, self.norm, std001, self.dtype, self.cpu_ops,
                           name=f"reg_conv{i}")(reg_feat, train, level)
     prior = nn.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB))
     zeros = nn.initializers.zeros
@@ -201,6 +207,7 @@ class TinaFaceCBAM(nn.Module):
   scales_per_octave: int = SCALES_PER_OCTAVE
   ratios: Sequence[float] = RATIOS
   dtype: Dtype = jnp.float32
+  cpu_ops: bool = False  # askd_jax.ops' XLA:CPU formulations (see models/layers.py)
 
   @property
   def num_anchors(self) -> int:
@@ -210,12 +217,14 @@ class TinaFaceCBAM(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> Tuple[Dict[str, jax.Array], Features]:
     if self.norm not in ("bn", "gn"):
       raise ValueError(f"tinaface norm={self.norm!r} must be 'bn' or 'gn'")
+    cpu = self.cpu_ops
     stages, feats = ResNetCBAM(self.stage_sizes, BottleneckCBAM, num_classes=None,
-                               width=self.width, dtype=self.dtype, name="backbone")(x, train)
-    levels = FPN(self.fpn_channels, self.norm, self.dtype, name="fpn")(stages, train)
-    neck = Inception(self.fpn_channels, self.norm, self.dtype, name="inception")
+                               width=self.width, dtype=self.dtype, cpu_ops=cpu,
+                               name="backbone")(x, train)
+    levels = FPN(self.fpn_channels, self.norm, self.dtype, cpu, name="fpn")(stages, train)
+    neck = Inception(self.fpn_channels, self.norm, self.dtype, cpu, name="inception")
     head = IoUAwareHead(self.fpn_channels, self.num_anchors, self.stacked_convs, self.norm,
-                        self.dtype, name="head")
+                        self.dtype, cpu, name="head")
     cls, box, iou = [], [], []
     n = x.shape[0]
     for lvl, p in enumerate(levels):

@@ -1,9 +1,11 @@
 """Backend-specific formulations of a few computations the models and the train step need.
 
 Each function computes what its name says, with the value of XLA's plain op (tests/test_ops.py
-checks values and gradients against it); on CPU it is written so that XLA:CPU runs it fast,
-elsewhere it is the plain op. Each docstring gives the measured reason (docs/benchmarks.md
-has the profiles). Whether the CPU formulations apply is decided in one place, `on_cpu`.
+checks values and gradients against it); with `cpu=True` it is written so that XLA:CPU runs
+it fast, with `cpu=False` it is the plain op. Each docstring gives the measured reason
+(docs/benchmarks.md has the profiles). Which one runs is chosen once, when the task builds
+the model: `on_cpu(platform)` of the devices it will run on (the train loop's mesh), kept
+in the model's `cpu_ops` field and passed down to every layer that calls these.
 """
 from askd_jax.ops.conv import conv_general_dilated, fusion_region, kernel_grad, subpixel_input_grad
 from askd_jax.ops.platform import on_cpu

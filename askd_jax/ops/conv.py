@@ -4,7 +4,7 @@ On the iResNet50 CPU train step the convolutions' backward was where XLA:CPU los
 the stride-2 input gradients ran as a convolution over a zero-dilated cotangent that
 XLA:CPU does not hand to Eigen (8 per step, 612 ms), and the kernel gradient's layout
 changes recomputed their fused producers several times slower (docs/benchmarks.md).
-Off CPU every function here is XLA's own.
+Off CPU (`cpu=False`) every function here is XLA's own.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
-from askd_jax.ops.platform import on_cpu
 
 # Stride-2 3x3 convolutions whose input gradient is computed sub-pixel on CPU: from this
 # many input pixels (28 x 28) up it is faster than XLA:CPU's own (at 14 x 14 it is not).
@@ -24,8 +22,9 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, **kwargs):
-  """`lax.conv_general_dilated` with, on CPU, a backward written for XLA:CPU.
+                         precision=None, *, cpu: bool, **kwargs):
+  """`lax.conv_general_dilated` with, on CPU (`cpu`), a backward written for XLA:CPU; a
+  layer takes it as `functools.partial(conv_general_dilated, cpu=...)`.
 
   Applies to NHWC convolutions with explicit padding, no dilation and no groups (every
   convolution of the models); anything else, and every convolution off CPU, is XLA's own.
@@ -46,7 +45,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     Other input gradients are XLA's transpose of the convolution.
   The forward is XLA's own; the parameters are unchanged."""
   strides = tuple(window_strides)
-  own = (not on_cpu() or kwargs or feature_group_count != 1
+  own = (not cpu or kwargs or feature_group_count != 1
          or tuple(lhs_dilation or (1, 1)) != (1, 1) or tuple(rhs_dilation or (1, 1)) != (1, 1)
          or lhs.ndim != 4 or isinstance(padding, str) or not _is_nhwc(dimension_numbers, 4))
   if own:
@@ -109,15 +108,17 @@ def kernel_grad(x, g, w, strides, padding, precision=None):
   ho, wo = g.shape[1:3]
   pads = [(lo_h, kh + strides[0] * (ho - 1) - x.shape[1] - lo_h),
           (lo_w, kw + strides[1] * (wo - 1) - x.shape[2] - lo_w)]
-  xt = fusion_region(lambda v: jnp.transpose(v, (3, 1, 2, 0)), x, probe=w)
-  gt = fusion_region(lambda v: jnp.transpose(v, (1, 2, 0, 3)), g, probe=w)
+  xt = fusion_region(lambda v: jnp.transpose(v, (3, 1, 2, 0)), x, cpu=True, probe=w)
+  gt = fusion_region(lambda v: jnp.transpose(v, (1, 2, 0, 3)), g, cpu=True, probe=w)
   dw = jax.lax.conv_general_dilated(xt, gt, (1, 1), pads, rhs_dilation=strides,
                                     dimension_numbers=_NHWC, precision=precision)
-  return fusion_region(lambda v: jnp.transpose(v, (1, 2, 0, 3)).astype(w.dtype), dw, probe=w)
+  return fusion_region(lambda v: jnp.transpose(v, (1, 2, 0, 3)).astype(w.dtype), dw, cpu=True,
+                       probe=w)
 
 
-def fusion_region(fn, *args, probe=None):
-  """fn(*args), on CPU as a computation of its own that XLA does not fuse into or out of.
+def fusion_region(fn, *args, cpu: bool, probe=None):
+  """fn(*args), on CPU (`cpu`) as a computation of its own that XLA does not fuse into or
+  out of.
 
   XLA:CPU fuses a chain of elementwise ops into every consumer that can take it:
   it computes the chain again in each, and inside a layout-changing copy it makes the copy
@@ -127,7 +128,7 @@ def fusion_region(fn, *args, probe=None):
   (default: the first array of args; best a small replicated one, such as a parameter,
   so that a batch-sharded step needs no collective for it) equals itself, false for NaN.
   Elsewhere simply fn(*args)."""
-  if not on_cpu():
+  if not cpu:
     return fn(*args)
   source = jax.tree.leaves(args)[0] if probe is None else probe
   p = jax.lax.slice(source.reshape(-1), (0,), (1,))[0]

@@ -1,12 +1,15 @@
 """What the train loop asks of a task. A task supplies the model, data, loss and evaluator."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+log = logging.getLogger(__name__)
 
 
 class Task:
@@ -48,13 +51,19 @@ class Task:
     """Shuffled, sharded, batched training records: decode, augment, keep `batch_keys`."""
     from askd_jax.data import pipeline
     ops = [*self.data.get("train_transforms", ()), *self.augment_transforms()]
+    log.info("training records: %s", " | ".join(map(repr, ops)) or "as stored")
     return pipeline.make_train_loader(self.data["train"], global_batch_size=global_batch,
                                       seed=seed, transforms=ops,
                                       worker_count=self.cfg.data.get("workers", 0),
                                       keys=self.batch_keys)
 
   # --- model -------------------------------------------------------------------------
-  def model(self, dtype=jnp.float32, spec: Dict[str, Any] | None = None):
+  def model(self, dtype=jnp.float32, spec: Dict[str, Any] | None = None,
+            platform: str | None = None):
+    """The flax model of `spec` (default: this config's). `platform` is where it will run
+    (a device's `.platform`; the train loop passes its mesh's, default JAX's default
+    backend): `ops.on_cpu(platform)` becomes the model's `cpu_ops` field, so its layers use
+    askd_jax.ops' XLA:CPU formulations exactly there. The parameters are the same."""
     raise NotImplementedError
 
   def spec(self) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from askd_jax import ops
 from askd_jax.data import degrade as degrade_lib
 from askd_jax.models.resnet import resnet_cbam
 from askd_jax.tasks.base import Task
@@ -94,10 +95,10 @@ class ClassificationTask(Task):
             "num_classes": self.num_classes, "input_size": self.input_size,
             "dataset": self.cfg.data.name, "channel_order": "rgb", "input_range": "[-1, 1]"}
 
-  def model(self, dtype=jnp.float32, spec=None):
+  def model(self, dtype=jnp.float32, spec=None, platform=None):
     s = spec or self.spec()
     net = resnet_cbam(s.get("depth", 50), s.get("num_classes", 1000), s.get("width", 64),
-                      s.get("stage_sizes") or None, dtype=dtype)
+                      s.get("stage_sizes") or None, dtype=dtype, cpu_ops=ops.on_cpu(platform))
     return Classifier(net)
 
   def check_teacher(self, tspec, path):

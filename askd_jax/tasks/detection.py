@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from askd_jax import ops
 from askd_jax.data import degrade as degrade_lib
 from askd_jax.data.detection import letterbox, load_detection_data
 from askd_jax.detection.losses import detection_loss
@@ -112,13 +113,14 @@ class DetectionTask(Task):
             "input_size": self.input_size, "dataset": self.cfg.data.name,
             "channel_order": "rgb", "input_range": "[-1, 1]"}
 
-  def model(self, dtype=jnp.float32, spec=None):
+  def model(self, dtype=jnp.float32, spec=None, platform=None):
     s = spec or self.spec()
     net = tinaface_cbam(s.get("depth", 50), s.get("width", 64), s.get("fpn_channels", 256),
                         s.get("stage_sizes") or None, stacked_convs=s.get("stacked_convs", 4),
                         norm=s.get("norm", "bn"),
                         # checkpoints written before the option had one BN for all levels
-                        bn_per_level=s.get("bn_per_level", False), dtype=dtype)
+                        bn_per_level=s.get("bn_per_level", False), dtype=dtype,
+                        cpu_ops=ops.on_cpu(platform))
     return Detector(net)
 
   def check_teacher(self, tspec, path):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from askd_jax import ops
 from askd_jax.data import degrade as degrade_lib
 from askd_jax.models import MarginModel, iresnet_cbam, make_margin
 from askd_jax.tasks.base import Task
@@ -42,11 +43,12 @@ class FaceRecTask(Task):
             "margin": m.margin, "s": m.s, "m": m.m, "input_size": self.input_size,
             "channel_order": "rgb"}
 
-  def model(self, dtype=jnp.float32, spec=None):
+  def model(self, dtype=jnp.float32, spec=None, platform=None):
     s = spec or self.spec()
     backbone = iresnet_cbam(s.get("depth", 50), s.get("width", 1.0), s.get("stage_sizes"),
                             embedding_dim=s.get("embedding_dim", 512),
-                            dropout=self.cfg.model.get("dropout", 0.4), dtype=dtype)
+                            dropout=self.cfg.model.get("dropout", 0.4), dtype=dtype,
+                            cpu_ops=ops.on_cpu(platform))
     head = None
     if s.get("num_classes"):
       head = make_margin(s.get("margin", "arcface"), s["num_classes"], s.get("s", 32.0),

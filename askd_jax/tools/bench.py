@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from askd_jax import distill as distill_lib
+from askd_jax import ops
 from askd_jax.data import degrade as degrade_lib
 from askd_jax.models import ArcFace, MarginModel, iresnet_cbam
 from askd_jax.runtime import tune_cpu
@@ -87,7 +88,8 @@ class BenchTask(Task):
 
 def _jax_models(args, dtype):
   backbone = lambda: iresnet_cbam(args.depth, args.width, _stage_sizes(args.stage_sizes),
-                                  embedding_dim=args.embedding_dim, dtype=dtype)
+                                  embedding_dim=args.embedding_dim, dtype=dtype,
+                                  cpu_ops=ops.on_cpu())  # JAX's default backend, as the step
   model = MarginModel(backbone(), ArcFace(num_classes=args.classes))
   return model
 
@@ -113,10 +115,11 @@ def _step_fn(args, kind: str, model, tx):
   """The project's train step for `kind` ('teacher' or 'askd'), as the train loop builds it."""
   task = BenchTask(cfg=None)
   if kind == "teacher":
-    return make_train_step(task=task, model=model, tx=tx)
+    return make_train_step(task=task, model=model, tx=tx, cpu_ops=ops.on_cpu())
   if kind == "askd":
     sizes = tuple(int(s) for s in args.lr_sizes.split(","))
-    return make_train_step(task=task, model=model, tx=tx, teacher_model=model,
+    return make_train_step(task=task, model=model, tx=tx, cpu_ops=ops.on_cpu(),
+                           teacher_model=model,
                            distill_fn=distill_lib.get("askd"), distill_cfg={"weight": 5.0},
                            degrade_fn=degrade_lib.make_degrade({"sizes": sizes}))
   raise ValueError(f"--steps_kind has {kind!r}; use teacher and/or askd")

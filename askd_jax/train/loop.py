@@ -11,14 +11,16 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from askd_jax import distill as distill_lib
+from askd_jax import ops
 from askd_jax import stop
 from askd_jax.data import degrade as degrade_lib
+from askd_jax.data import pipeline
 from askd_jax.train import checkpoint as ckpt_lib
 from askd_jax.train import sharding as shd
 from askd_jax.train import state_io
@@ -103,8 +105,55 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
   if stage_done(workdir, stage):
     log.info("stage %s already finished; skipping", stage.name)
     return stage_dir
+  b = build(cfg, task, stage, stage_dir, mesh or shd.make_mesh())
+  state, data_state = init_or_restore(b, task)
+  stop.at("compile", stage.name)  # the first step compiles
+  it = open_input(b, task, state, data_state)
+  is_main = jax.process_index() == 0
+  writer = writer_factory(stage.name) if (writer_factory and is_main) else None
+  bar = _progress(progress and is_main, stage.name, b.total_steps, int(state.step))
+  clock = Clock(b.batch_size, int(state.step))
+  check = lambda state: _check_finite(state, b.nan_policy, b.max_bad_steps, stage)
+  save = _saver(b, it, check, clock)
+  actions = side_tasks(b, writer=writer, bar=bar, save=save, check=check, clock=clock)
+  state = run_loop(b, state, it, actions, clock)
+  finish(b, task, state, clock, save)
+  if bar is not None:
+    bar.close()
+  if writer is not None:
+    writer.close()
+  return stage_dir
+
+
+# --- build: the optimizer, the teacher, the step; nothing runs yet ----------------------------
+
+@dataclasses.dataclass
+class Built:
+  """One stage ready to run: what `build` makes and the later phases read."""
+  stage: Stage
+  stage_dir: str
+  mesh: Any
+  batch_size: int            # global
+  total_steps: int
+  meta: Dict[str, Any]       # saved with every checkpoint: stage, config hash, teacher
+  init_fn: Callable          # key -> a fresh TrainState
+  init_key: Any
+  state_sh: Any              # the state's shardings
+  mgr: Any                   # the checkpoint manager
+  jstep: Callable            # jitted step(state, teacher_vars, batch) -> (state, metrics)
+  teacher_vars: Any          # the frozen teacher's variables on the mesh (students), or None
+  seed: int
+  prefetch: int              # batches on device ahead of the step
+  log_every: int
+  checkpoint_every: int
+  nan_policy: str
+  max_bad_steps: int
+
+
+def build(cfg, task, stage: Stage, stage_dir: str, mesh) -> Built:
+  """Schedule, optimizer, model, the frozen teacher (students), the state's shardings, the
+  checkpoint manager and the jitted step (compiled by its first call)."""
   stop.at("build", stage.name)
-  mesh = mesh or shd.make_mesh()
   tcfg = cfg.train
   n_dev = mesh.devices.size
   gbatch = tcfg.batch_size
@@ -114,7 +163,8 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
   steps_per_epoch = max(task.num_train_examples // gbatch, 1)
   total_steps = tcfg.get("steps", 0) or int(round(tcfg.epochs * steps_per_epoch))
   dtype = jnp.dtype(cfg.get("dtype", "float32"))
-  model = task.model(dtype=dtype)
+  platform = mesh.devices.flat[0].platform  # the one backend choice: models, step, compiler
+  model = task.model(dtype=dtype, platform=platform)
   tx = sgd_torch(_schedule(tcfg, steps_per_epoch, total_steps), tcfg.momentum,
                  tcfg.weight_decay, tcfg.get("nesterov", True))
 
@@ -124,11 +174,11 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
   if stage.kind == "student":
     teacher_vars, tspec = ckpt_lib.load_model(stage.teacher)
     task.check_teacher(tspec, stage.teacher)
-    teacher_model = task.model(dtype=dtype, spec=tspec)
+    teacher_model = task.model(dtype=dtype, spec=tspec, platform=platform)
     meta["teacher"] = {"path": os.path.abspath(stage.teacher),
                        "params_hash": ckpt_lib.params_hash(teacher_vars["params"])}
+    teacher_vars = jax.device_put(teacher_vars, shd.replicated(mesh))
 
-  repl, bshard = shd.replicated(mesh), shd.batch_sharding(mesh)
   seed = cfg.get("seed", 0)
   init_key = jax.random.fold_in(jax.random.key(seed), _stage_salt(stage.name))
 
@@ -139,137 +189,217 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
                            task.preprocess(sample), sample.get("label"), train=True)
     return init_state(variables["params"], variables.get("batch_stats", {}), tx, k_state)
 
-  abstract = jax.eval_shape(init_fn, init_key)
-  state_sh = shd.state_shardings(abstract, mesh, cfg.get("shard_params_min_size", 0))
+  state_sh = shd.state_shardings(jax.eval_shape(init_fn, init_key), mesh,
+                                 cfg.get("shard_params_min_size", 0))
   mgr = state_io.manager(os.path.join(stage_dir, "checkpoints"), keep=tcfg.get("keep", 2))
-  restored = state_io.restore_latest(
-      mgr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, state_sh))
-  data_state = None
-  if restored is None:
-    state = jax.jit(init_fn, out_shardings=state_sh)(init_key)
-    pretrained = task.pretrained_variables()
-    if pretrained:
-      state = with_pretrained(state, pretrained, state_sh)
-      log.info("%s: started from pretrained %s", stage.name,
-               ", ".join(f"{c}/{k}" for c, t in pretrained.items() for k in t))
-  else:
-    step0, state, data_state, old_meta = restored
-    # The teacher's parameters must be the ones this student was trained against; a moved
-    # workdir (same parameters, another path) is fine.
-    was, now = old_meta.get("teacher") or {}, meta.get("teacher") or {}
-    if was.get("params_hash") != now.get("params_hash"):
-      raise ValueError(
-          f"{stage_dir}: this student was trained up to step {step0} against teacher "
-          f"{was.get('path')} (params hash {was.get('params_hash')}), but student.teacher "
-          f"now loads {now.get('path')} (params hash {now.get('params_hash')}); restore that "
-          "teacher, or use a new --workdir to train the student again")
-    if was.get("path") != now.get("path"):
-      log.warning("%s: the teacher moved from %s to %s (same parameters)", stage.name,
-                  was.get("path"), now.get("path"))
-    log.info("resuming %s from step %d", stage.name, step0)
-  if teacher_vars is not None:
-    teacher_vars = jax.device_put(teacher_vars, repl)
 
   degrade_fn = (degrade_lib.make_degrade(student_degrade_cfg(cfg.student, stage.sizes))
                 if stage.kind == "student" else None)
   dname = stage.method if stage.kind == "student" else "none"
   distill_fn = distill_lib.get(dname) if dname != "none" else None
   dcfg = cfg.distill.get(dname, {}) if distill_fn else None
-  step_fn = make_train_step(task=task, model=model, tx=tx, teacher_model=teacher_model,
-                            distill_fn=distill_fn, distill_cfg=dcfg, degrade_fn=degrade_fn)
+  step_fn = make_train_step(task=task, model=model, tx=tx, cpu_ops=ops.on_cpu(platform),
+                            teacher_model=teacher_model, distill_fn=distill_fn,
+                            distill_cfg=dcfg, degrade_fn=degrade_fn)
   jstep = shd.jit_train_step(step_fn, mesh, state_sh)  # batch split on 'data', state as state_sh
+  return Built(stage=stage, stage_dir=stage_dir, mesh=mesh, batch_size=gbatch,
+               total_steps=total_steps, meta=meta, init_fn=init_fn, init_key=init_key,
+               state_sh=state_sh, mgr=mgr, jstep=jstep, teacher_vars=teacher_vars, seed=seed,
+               prefetch=cfg.data.get("prefetch", 2), log_every=tcfg.get("log_every", 10),
+               checkpoint_every=tcfg.get("checkpoint_every", 0),
+               nan_policy=tcfg.get("nan_policy", "stop"),
+               max_bad_steps=tcfg.get("max_bad_steps", 100))
 
-  stop.at("compile", stage.name)
-  loader = task.train_loader(gbatch, seed=seed + _stage_salt(stage.name))
-  it = iter(loader)
+
+# --- init_or_restore: a fresh state, or the newest checkpoint and its input position ----------
+
+def init_or_restore(b: Built, task):
+  """(state, the saved input position or None). A resumed student must have been trained
+  against the teacher it now loads."""
+  stage = b.stage
+  abstract = jax.eval_shape(b.init_fn, b.init_key)
+  restored = state_io.restore_latest(
+      b.mgr, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, b.state_sh))
+  if restored is None:
+    state = jax.jit(b.init_fn, out_shardings=b.state_sh)(b.init_key)
+    pretrained = task.pretrained_variables()
+    if pretrained:
+      state = with_pretrained(state, pretrained, b.state_sh)
+      log.info("%s: started from pretrained %s", stage.name,
+               ", ".join(f"{c}/{k}" for c, t in pretrained.items() for k in t))
+    return state, None
+  step0, state, data_state, old_meta = restored
+  # The teacher's parameters must be the ones this student was trained against; a moved
+  # workdir (same parameters, another path) is fine.
+  was, now = old_meta.get("teacher") or {}, b.meta.get("teacher") or {}
+  if was.get("params_hash") != now.get("params_hash"):
+    raise ValueError(
+        f"{b.stage_dir}: this student was trained up to step {step0} against teacher "
+        f"{was.get('path')} (params hash {was.get('params_hash')}), but student.teacher "
+        f"now loads {now.get('path')} (params hash {now.get('params_hash')}); restore that "
+        "teacher, or use a new --workdir to train the student again")
+  if was.get("path") != now.get("path"):
+    log.warning("%s: the teacher moved from %s to %s (same parameters)", stage.name,
+                was.get("path"), now.get("path"))
+  log.info("resuming %s from step %d", stage.name, step0)
+  return state, data_state
+
+
+def open_input(b: Built, task, state, data_state) -> pipeline.DevicePrefetchIterator:
+  """The training batches as global device arrays, `b.prefetch` ahead, from the saved
+  position when resuming. Its `get_state()` is the position after the last batch the loop
+  took, so a checkpoint resumes at exactly the next one."""
+  loader = task.train_loader(b.batch_size, seed=b.seed + _stage_salt(b.stage.name))
+  it = pipeline.prefetch_to_device(iter(loader), b.prefetch, shd.batch_sharding(b.mesh))
   if data_state is not None:  # this process's position (mapped if the process count changed)
     data_state = shd.local_iterator_state(data_state, it.get_state(),
-                                          int(state.step) * gbatch // jax.process_count())
+                                          int(state.step) * b.batch_size // jax.process_count())
   if data_state is not None:
     it.set_state(data_state)
+  return it
 
-  is_main = jax.process_index() == 0
-  writer = writer_factory(stage.name) if (writer_factory and is_main) else None
-  bar = _progress(progress and is_main, stage.name, total_steps, int(state.step))
-  nan_policy = tcfg.get("nan_policy", "stop")
-  log_every, ck_every = tcfg.get("log_every", 10), tcfg.get("checkpoint_every", 0)
-  last_t, last_step, start_step = time.time(), int(state.step), int(state.step)
-  compile_s = None
-  timed = {"from": None, "save_s": 0.0}  # the loop's wall time after the first step
 
-  def save(step):
-    _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
+# --- run_loop: the step, then the side tasks that are due --------------------------------------
+
+def itstime(step: int, every: int, total: int, *, last: bool) -> bool:
+  """Whether a periodic side task is due after `step` (1-based) of `total`: after every
+  `every`-th step (0: never), and after the last one exactly when `last` (False: the finish
+  phase does it there)."""
+  if step == total:
+    return last
+  return bool(every) and step % every == 0
+
+
+@dataclasses.dataclass
+class Periodic:
+  """A side task of the loop: `fn(step, state, metrics)` when `itstime(step, every, total,
+  last=last)`, and after the step at which the processes agreed to stop when `at_stop`."""
+  every: int
+  fn: Callable
+  last: bool = True
+  at_stop: bool = False
+
+  def __call__(self, step, total, stopping, state, metrics):
+    if itstime(step, self.every, total, last=self.last) or (stopping and self.at_stop):
+      self.fn(step, state, metrics)
+
+
+class Clock:
+  """The loop's wall times: the first (compiling) step, images/s between logged steps, and
+  the loop from the end of the first step on, saves excluded."""
+
+  def __init__(self, batch_size: int, start_step: int):
+    self.batch_size, self.start_step = batch_size, start_step
+    self.last_t, self.last_step = time.time(), start_step
+    self.compile_s = None
+    self.since = None   # (time, step) at the end of the first step
+    self.save_s = 0.0
+
+  def first_step(self, step, metrics, t0, stage_dir):
+    jax.block_until_ready(metrics)
+    self.compile_s = time.time() - t0
+    self.last_t, self.last_step = time.time(), step
+    self.since = (self.last_t, step)
+    record(stage_dir, event="compile", step=step, seconds=self.compile_s)
+
+  def images_per_s(self, step) -> float:
+    now = time.time()
+    rate = (step - self.last_step) * self.batch_size / max(now - self.last_t, 1e-9)
+    self.last_t, self.last_step = now, step
+    return rate
+
+
+def _saver(b: Built, it, check, clock: Clock) -> Callable:
+  """save(step, state): the state and every process's input position (a collective)."""
+  def save(step, state):
+    check(state)
     t = time.time()
-    if state_io.save(mgr, step, state, shd.gather_iterator_states(it.get_state()), meta):
-      timed["save_s"] += time.time() - t
-      record(stage_dir, event="save", step=step, seconds=time.time() - t)
+    if state_io.save(b.mgr, step, state, shd.gather_iterator_states(it.get_state()), b.meta):
+      clock.save_s += time.time() - t
+      record(b.stage_dir, event="save", step=step, seconds=time.time() - t)
+  return save
 
+
+def side_tasks(b: Built, *, writer, bar, save, check, clock: Clock) -> List[Periodic]:
+  """What runs after a step besides the step, in this order: the non-finite check and the
+  metrics (every log_every steps, the last, and when stopping), the progress bar, the
+  periodic checkpoint, and the stop (save, then Preempted)."""
+  stage = b.stage
+
+  def log_metrics(step, state, metrics):
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m["images_per_s"] = clock.images_per_s(step)
+    check(state)
+    if bar is not None:
+      bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m.get('accuracy', float('nan')):.3f}",
+                      img_s=f"{m['images_per_s']:.1f}")
+    if writer is not None:
+      for k, v in m.items():
+        writer.add_scalar(f"{stage.name}/{k}", v, step)
+      writer.flush()
+
+  def preempt(step, state, metrics):
+    save(step, state)
+    if bar is not None:
+      bar.close()
+    why = (f"{stop.requested()} received" if stop.requested()
+           else "another process received a stop signal")
+    raise Preempted(f"{why}: stage {stage.name} stopped after step {step} "
+                    f"and saved a checkpoint in {b.stage_dir}; run the same command again to "
+                    "resume")
+
+  actions = [Periodic(b.log_every, log_metrics, at_stop=True)]
+  if bar is not None:
+    actions.append(Periodic(1, lambda step, state, metrics: bar.update(1)))
+  actions += [Periodic(b.checkpoint_every, lambda step, state, metrics: save(step, state),
+                       last=False),
+              Periodic(0, preempt, last=False, at_stop=True)]
+  return actions
+
+
+def run_loop(b: Built, state, it, actions: Sequence[Periodic], clock: Clock):
+  """Steps up to total_steps; after each, the due side tasks. Returns the final state."""
   step = int(state.step)
-  while step < total_steps:
-    batch = shd.global_batch(next(it), bshard)
+  while step < b.total_steps:
+    batch = next(it)
     t0 = time.time()
-    state, metrics = jstep(state, teacher_vars, batch)
+    state, metrics = b.jstep(state, b.teacher_vars, batch)
     step += 1
     # A stop signal may reach one host only, or hosts at different steps: all processes
     # agree on it after every step, so they save the same step together (a save is
     # collective) instead of one waiting forever in it.
     stopping = shd.any_process(stop.requested() is not None)
-    if compile_s is None:
-      jax.block_until_ready(metrics)
-      compile_s = time.time() - t0
-      last_t, last_step = time.time(), step
-      timed["from"] = (last_t, step)
-      record(stage_dir, event="compile", step=step, seconds=compile_s)
-    if step % log_every == 0 or step == total_steps or stopping:
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      now = time.time()
-      m["images_per_s"] = (step - last_step) * gbatch / max(now - last_t, 1e-9)
-      last_t, last_step = now, step
-      _check_finite(state, nan_policy, tcfg.get("max_bad_steps", 100), stage)
-      if bar is not None:
-        bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m.get('accuracy', float('nan')):.3f}",
-                        img_s=f"{m['images_per_s']:.1f}")
-      if writer is not None:
-        for k, v in m.items():
-          writer.add_scalar(f"{stage.name}/{k}", v, step)
-        writer.flush()
-    if bar is not None:
-      bar.update(1)
-    if ck_every and step % ck_every == 0 and step < total_steps:
-      save(step)
-    if stopping:
-      save(step)
-      if bar is not None:
-        bar.close()
-      why = (f"{stop.requested()} received" if stop.requested()
-             else "another process received a stop signal")
-      raise Preempted(f"{why}: stage {stage.name} stopped after step {step} "
-                      f"and saved a checkpoint in {stage_dir}; run the same command again to "
-                      "resume")
-    stop.notify("step", f"{stage.name} {step}")
-  if timed["from"] is not None:  # end to end: loader + step + logging, saves excluded
-    t1, s1 = timed["from"]
-    record(stage_dir, event="end", step=step, steps_run=step - start_step,
-           timed_steps=step - s1, timed_seconds=time.time() - t1 - timed["save_s"],
-           batch_size=gbatch, max_rss_bytes=_max_rss())
-  if int(state.step) not in mgr.all_steps():
-    save(int(state.step))
-  if bar is not None:
-    bar.close()
+    if clock.compile_s is None:
+      clock.first_step(step, metrics, t0, b.stage_dir)
+    for action in actions:
+      action(step, b.total_steps, stopping, state, metrics)
+    stop.notify("step", f"{b.stage.name} {step}")
+  return state
+
+
+# --- finish: the final checkpoint, model.json and DONE -------------------------------------------
+
+def finish(b: Built, task, state, clock: Clock, save) -> None:
+  step = int(state.step)
+  if clock.since is not None:  # end to end: loader + step + logging, saves excluded
+    t1, s1 = clock.since
+    record(b.stage_dir, event="end", step=step, steps_run=step - clock.start_step,
+           timed_steps=step - s1, timed_seconds=time.time() - t1 - clock.save_s,
+           batch_size=b.batch_size, max_rss_bytes=_max_rss())
+  if step not in b.mgr.all_steps():
+    save(step, state)
+  stage = b.stage
   spec = dict(task.spec(), stage=stage.name, kind=stage.kind, method=stage.method,
-              config_hash=meta["config_hash"],
-              sizes=list(stage.sizes), compile_seconds=compile_s,
-              trained_steps=total_steps, resumed_from=start_step)
-  if meta.get("teacher"):
-    spec["teacher"] = meta["teacher"]
-  if is_main:
-    ckpt_lib.write_spec(stage_dir, spec)
-    with open(os.path.join(stage_dir, DONE), "w") as f:
-      f.write(f"{total_steps}\n")
-  if writer is not None:
-    writer.close()
-  return stage_dir
+              config_hash=b.meta["config_hash"],
+              sizes=list(stage.sizes), compile_seconds=clock.compile_s,
+              trained_steps=b.total_steps, resumed_from=clock.start_step)
+  if b.meta.get("teacher"):
+    spec["teacher"] = b.meta["teacher"]
+  if jax.process_index() == 0:
+    ckpt_lib.write_spec(b.stage_dir, spec)
+    with open(os.path.join(b.stage_dir, DONE), "w") as f:
+      f.write(f"{b.total_steps}\n")
 
 
 def record(stage_dir: str, **event) -> None:
@@ -355,4 +485,5 @@ def cfg_hash(cfg) -> str:
   # How often to log/checkpoint and what to do on a NaN may change between restarts.
   for k in ("log_every", "checkpoint_every", "keep", "nan_policy", "max_bad_steps"):
     d.get("train", {}).pop(k, None)
+  d.get("data", {}).pop("prefetch", None)  # how far ahead batches are placed, not which
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -90,6 +90,17 @@ def _drop_closed_loop_errors() -> None:
     old_unraisable(u)
   sys.unraisablehook = unraisable
 
+  def failed_reads(record):
+    # The tasks of a read orbax gave up on are finalised whenever the garbage collector
+    # reaches them, possibly after `_quiet_libraries` ended: asyncio then logs each as
+    # "Task exception was never retrieved" with its traceback. Only orbax uses asyncio here.
+    if record.getMessage().startswith("Task exception was never retrieved"):
+      log.info("a failed checkpoint library task was finalised (ignored): %s",
+               record.exc_info[1] if record.exc_info else "")
+      return False
+    return True
+  logging.getLogger("asyncio").addFilter(failed_reads)
+
 
 @contextlib.contextmanager
 def _quiet_libraries():

@@ -20,10 +20,11 @@ from askd_jax import ops
 from askd_jax.train.state import TrainState
 
 
-def make_train_step(*, task, model, tx: optax.GradientTransformation,
+def make_train_step(*, task, model, tx: optax.GradientTransformation, cpu_ops: bool,
                     teacher_model=None, distill_fn: Optional[Callable] = None,
                     distill_cfg: Any = None, degrade_fn: Optional[Callable] = None):
-  """Build the (not yet jitted) step for one stage."""
+  """Build the (not yet jitted) step for one stage; `cpu_ops` as the model's (the gradient
+  norm's formulation)."""
 
   def step(state: TrainState, teacher_vars, batch):
     key = jax.random.wrap_key_data(state.rng)
@@ -53,7 +54,7 @@ def make_train_step(*, task, model, tx: optax.GradientTransformation,
       return loss, (new_stats, terms)
 
     (loss, (new_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    gnorm = ops.global_norm(grads)
+    gnorm = ops.global_norm(grads, cpu=cpu_ops)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
