@@ -300,9 +300,12 @@ class _FileWriter:
     self._f.close()
 
 
-def _signal_at_batch(task, n: int) -> None:
-  """SIGTERM to this process when its loader hands out batch n (1-based)."""
+def _signal_at_batch(task, n: int, prefetch: int) -> None:
+  """SIGTERM to this process while the train loop takes batch n (1-based), i.e. during step
+  n. The loop's device prefetcher reads `prefetch - 1` batches ahead of the step, so the
+  loader hands out batch n + prefetch - 1 at that moment."""
   import signal
+  n = n + prefetch - 1
   make = task.train_loader
 
   def train_loader(global_batch, seed):
@@ -370,8 +373,8 @@ def run_train(a) -> None:
     params = final_params(out["restored_step"])
     out["restored_max_abs_diff"] = max(float(np.abs(params[k] - saved[k]).max()) for k in saved.files)
   writer = lambda name: _FileWriter(os.path.join(a.workdir, f"tb_process{pid}.jsonl"))
-  if a.sigterm_at_batch:  # a stop signal reaching this process only, while it reads batch N
-    _signal_at_batch(task, a.sigterm_at_batch)
+  if a.sigterm_at_batch:  # a stop signal reaching this process only, during step N
+    _signal_at_batch(task, a.sigterm_at_batch, cfg.data.get("prefetch", 2))
   if a.check_restore:
     # The continuation extends the finished 3-step stage to 5 steps on purpose: a config
     # change that loop.check_stage_config refuses for users (train.steps is in the stage's

@@ -167,7 +167,7 @@ def test_model_written_by_two_processes_loads_in_this_process(runs):
 
 
 def test_stop_signal_on_one_host_stops_every_host_at_the_same_step(runs):
-  """SIGTERM reaching process 1 only (while it reads batch 2): the processes agree on it
+  """SIGTERM reaching process 1 only (during step 2): the processes agree on it
   after step 2, both save step 2 together and stop, none waits forever in a lone save."""
   tmp = runs["tmp"]
   wd = str(tmp / "preempt")
