@@ -5,6 +5,7 @@ directory. askd_jax/main.py only parses the flags, calls these and turns a failu
 line and an exit status (askd_jax/failures.py).
 
     from askd_jax import experiment
+    cfg = experiment.load_config("configs/facerec.py", ["--config.train.epochs=5"])
     experiment.setup(cfg)                       # once, before anything touches JAX
     rows = experiment.run(cfg, "workdir/demo")  # the rows of WORKDIR/results.json
 """
@@ -25,6 +26,44 @@ from askd_jax.failures import UsageError, describe_failure
 
 LOG_FILE = "run.log"
 log = logging.getLogger("askd_jax")
+
+
+def last_value_per_field(argv: Sequence[str]) -> List[str]:
+  """Keep only the last `--config.FIELD=...` of each field (ml_collections appends repeated
+  tuple overrides and ignores a later empty one; every other flag takes its last value)."""
+  keyed = []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config.") and "=" not in a and i + 1 < len(argv):  # --config.f VALUE
+      keyed.append((a, [a, argv[i + 1]]))
+      i += 2
+      continue
+    keyed.append((a.split("=", 1)[0] if a.startswith("--config.") else None, [a]))
+    i += 1
+  last = {k: n for n, (k, _) in enumerate(keyed) if k is not None}
+  return [x for n, (k, args) in enumerate(keyed) if k is None or last[k] == n for x in args]
+
+
+def load_config(config: str, overrides: Sequence[str] = ()):
+  """The ConfigDict that `python -m askd_jax.main --config=CONFIG OVERRIDES...` runs:
+  `config` is "configs/facerec.py" or "configs/facerec.py:casia" (a leading "--config=" is
+  accepted), `overrides` are `--config.FIELD=VALUE` arguments, parsed by ml_collections'
+  config flag exactly as main.py parses them (the last value of a field wins)."""
+  from absl import flags
+  from ml_collections import config_flags
+  config = config.removeprefix("--config=")
+  argv = last_value_per_field(list(overrides))
+  for i, a in enumerate(argv):
+    value = i and argv[i - 1].startswith("--config.") and "=" not in argv[i - 1]
+    if not (a.startswith("--config.") or value):
+      raise UsageError(f"{a}: load_config takes --config.FIELD=VALUE overrides only")
+  argv = ["load_config", f"--config={config}", *argv]
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", config, flag_values=fv, lock_config=True,
+                                           sys_argv=argv)
+  fv(argv)
+  return holder.value
 
 
 def setup(cfg) -> None:

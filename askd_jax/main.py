@@ -20,7 +20,6 @@ import os
 import re
 import sys
 import traceback
-from typing import List
 
 from askd_jax import stop
 
@@ -34,24 +33,7 @@ from askd_jax import experiment, failures  # noqa: E402
 from askd_jax.failures import UsageError  # noqa: E402
 
 
-def last_value_per_field(argv: List[str]) -> List[str]:
-  """Keep only the last `--config.FIELD=...` of each field (ml_collections appends repeated
-  tuple overrides and ignores a later empty one; every other flag takes its last value)."""
-  keyed = []
-  i = 0
-  while i < len(argv):
-    a = argv[i]
-    if a.startswith("--config.") and "=" not in a and i + 1 < len(argv):  # --config.f VALUE
-      keyed.append((a, [a, argv[i + 1]]))
-      i += 2
-      continue
-    keyed.append((a.split("=", 1)[0] if a.startswith("--config.") else None, [a]))
-    i += 1
-  last = {k: n for n, (k, _) in enumerate(keyed) if k is not None}
-  return [x for n, (k, args) in enumerate(keyed) if k is None or last[k] == n for x in args]
-
-
-sys.argv[1:] = last_value_per_field(sys.argv[1:])
+sys.argv[1:] = experiment.last_value_per_field(sys.argv[1:])
 
 
 def _fail(msg: str, code: int = 2) -> None:

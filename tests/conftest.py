@@ -1,7 +1,7 @@
 """Shared test set-up: CPU only, one persistent XLA cache for the whole test run (this
-process and the CLI subprocesses it starts inherit it), a cheaper XLA:CPU compile for those
-subprocesses (`cli_env`), and the tiny trained runs that several test files share, built
-once per session even with pytest-xdist."""
+process and the CLI subprocesses it starts inherit it), cheaper XLA:CPU compiles (TEST_XLA_FLAGS),
+and the tiny trained runs that several test files share, built once per session even with
+pytest-xdist."""
 from __future__ import annotations
 
 import fcntl
@@ -13,10 +13,37 @@ import sys
 import pytest
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The suite trains and differentiates tiny models for a few steps: its time is XLA:CPU
+# compilation, not execution. Two code-generation flags cut it; they change how XLA:CPU turns
+# the optimised HLO into machine code, not the program: the HLO passes, fusion decisions,
+# shardings and trace counts the tests check are the same, and the numbers agree with the
+# default flags' to float32 rounding (~1e-6 on the tiny runs' losses). Measured, 2-core x86_64,
+# jax 0.10.2, cold cache: backend optimisation level 1 (LLVM -O1) instead of 2 took the tiny
+# CLI run below from 114 to 68 s of CPU; the older elemental fusion code generation instead
+# of the MLIR fusion emitters (`--xla_cpu_use_fusion_emitters=false`) a further 82 -> 55 s of
+# CPU (62 -> 44 s wall; its student step compiles in 4.1 instead of 7.7 s); test_ops.py,
+# test_layers.py, test_parity_model.py and test_models.py run in 79 instead of 139 s.
+# Level 0 (what `jax_disable_most_optimizations` sets) compiles faster still, but its
+# programs give NaN gradients in the iResNet-CBAM and ResNet-CBAM train steps, so it is not
+# used. XLA's default flags still run here: the session's shared tiny CLI run
+# (`tiny_facerec_run`) compiles as a user's run does (`production_env()`), and
+# ASKD_TEST_XLA_DEFAULTS=1 runs the whole suite with them. The speed of the default code
+# (docs/benchmarks.md) is measured by askd_jax.tools.bench outside the tests.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
+
+
+def _add_flags(env: dict) -> dict:
+  if os.environ.get("ASKD_TEST_XLA_DEFAULTS") != "1" and TEST_XLA_FLAGS not in env.get("XLA_FLAGS", ""):
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+  return env
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_ROOT / ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_add_flags(os.environ)  # before this process's JAX backend starts (XLA reads it then)
 
 # The CLI's tiny face run: 28 px ORL, width 0.125, 4 steps per stage, one 7 px student per
 # method. `--config.jax_cache_dir=` leaves the cache to JAX_COMPILATION_CACHE_DIR above.
@@ -29,46 +56,32 @@ TINY_FACEREC = ["--config=configs/facerec.py", "--config.data.image_size=28",
 
 
 def tiny_facerec_cfg(data_dir):
-  """TINY_FACEREC as a ConfigDict, for calling askd_jax.experiment in process (the same
-  config hash: experiment.run continues the CLI's tiny run)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("facerec_config", _ROOT / "configs" / "facerec.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  c.data.image_size, c.data.num_pairs, c.data.data_dir = 28, 200, str(data_dir)
-  c.model.width, c.model.embedding_dim = 0.125, 32
-  c.train.steps, c.train.batch_size, c.train.log_every, c.train.checkpoint_every = 4, 8, 2, 2
-  c.student.sizes, c.student.methods = (7,), ("none", "askd")
-  c.jax_cache_dir = ""
-  return c
-
-
-# The suite's CLI runs and multi-device workers train a few steps of tiny models: their time
-# is XLA:CPU compilation, not execution. At backend optimisation level 1 (LLVM -O1) instead
-# of the default 2 they compile in ~60% of the CPU time (the cold TINY_FACEREC run below:
-# 114 -> 68 s of CPU on 2 cores; the same results but one threshold, 1e-3 off).
-# Level 0 (what `jax_disable_most_optimizations` sets) compiles faster still, but its
-# programs give NaN gradients in the iResNet-CBAM and ResNet-CBAM train steps, so it is not
-# used. This pytest process keeps the default level: the fusion and HLO checks
-# (test_ops.py, test_layers.py), the benchmark and trace-count tests and the torch parity
-# tests test the program production runs. XLA_FLAGS is part of JAX's persistent-cache key,
-# so the two levels never share a cache entry.
-CLI_XLA_FLAGS = "--xla_backend_optimization_level=1"
+  """The config of `python -m askd_jax.main TINY_FACEREC --config.data.data_dir=DATA_DIR`
+  (the same config hash: experiment.run in process continues the CLI's tiny run)."""
+  from askd_jax import experiment
+  return experiment.load_config(str(_ROOT / TINY_FACEREC[0].removeprefix("--config=")),
+                                [*TINY_FACEREC[1:], f"--config.data.data_dir={data_dir}"])
 
 
 def cli_env(env=None, **extra) -> dict:
   """The environment for a subprocess that runs the package's CLI or a test worker:
-  `env` (default os.environ) and `extra`, with CLI_XLA_FLAGS added to its XLA_FLAGS."""
-  out = dict(os.environ if env is None else env, **extra)
-  out["XLA_FLAGS"] = f"{out.get('XLA_FLAGS', '')} {CLI_XLA_FLAGS}".strip()
+  `env` (default os.environ) and `extra`, with TEST_XLA_FLAGS in its XLA_FLAGS."""
+  return _add_flags(dict(os.environ if env is None else env, **extra))
+
+
+def production_env(**extra) -> dict:
+  """os.environ and `extra` with XLA's default flags: what a user's run compiles."""
+  out = dict(os.environ, **extra)
+  out["XLA_FLAGS"] = " ".join(f for f in out.get("XLA_FLAGS", "").split()
+                              if f not in TEST_XLA_FLAGS.split())
   return out
 
 
-def run_main(workdir, *args, timeout=1500):
-  """`python -m askd_jax.main --workdir=WORKDIR ARGS` from the repository root."""
+def run_main(workdir, *args, timeout=1500, env=None):
+  """`python -m askd_jax.main --workdir=WORKDIR ARGS` from the repository root (env:
+  cli_env())."""
   cmd = [sys.executable, "-m", "askd_jax.main", f"--workdir={workdir}", *args]
-  return subprocess.run(cmd, cwd=_ROOT, env=cli_env(), capture_output=True, text=True,
+  return subprocess.run(cmd, cwd=_ROOT, env=env or cli_env(), capture_output=True, text=True,
                         timeout=timeout)
 
 
@@ -94,7 +107,8 @@ def tiny_facerec_run(tmp_path_factory):
     try:
       if not done.exists() and not failed.exists():
         try:
-          r = run_main(wd, *TINY_FACEREC, f"--config.data.data_dir={data}")
+          r = run_main(wd, *TINY_FACEREC, f"--config.data.data_dir={data}",
+                       env=production_env())  # the one tiny run compiled as a user's is
         except subprocess.TimeoutExpired as e:
           failed.write_text(f"timed out after {e.timeout} s")
         else:

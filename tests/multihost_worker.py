@@ -300,42 +300,20 @@ class _FileWriter:
     self._f.close()
 
 
-def _signal_at_batch(task, n: int, prefetch: int) -> None:
-  """SIGTERM to this process while the train loop takes batch n (1-based), i.e. during step
-  n. The loop's device prefetcher reads `prefetch - 1` batches ahead of the step, so the
-  loader hands out batch n + prefetch - 1 at that moment."""
+def _signal_at_step(n: int) -> None:
+  """SIGTERM to this process as soon as step n - 1 has ended (the loop's "step" notification,
+  after that step's stop check), so that the signal is pending while step n runs and the
+  loop's check after step n sees it: the signal arrives during step n, whatever the input
+  pipeline has read ahead."""
   import signal
-  n = n + prefetch - 1
-  make = task.train_loader
+  from askd_jax import stop
+  if n < 2:
+    raise SystemExit("--sigterm-at-step needs N >= 2 (the signal is sent when step N-1 ends)")
 
-  def train_loader(global_batch, seed):
-    loader = make(global_batch, seed)
-
-    class _It:
-      def __init__(self):
-        self._it, self._n = iter(loader), 0
-
-      def __iter__(self):
-        return self
-
-      def __next__(self):
-        self._n += 1
-        if self._n == n:
-          os.kill(os.getpid(), signal.SIGTERM)
-        return next(self._it)
-
-      def get_state(self):
-        return self._it.get_state()
-
-      def set_state(self, state):
-        self._it.set_state(state)
-
-    class _Loader:
-      def __iter__(self_inner):
-        return _It()
-    return _Loader()
-
-  task.train_loader = train_loader
+  def listener(phase, detail):
+    if phase == "step" and detail.split()[-1] == str(n - 1):
+      os.kill(os.getpid(), signal.SIGTERM)
+  stop.listeners.append(listener)
 
 
 def run_train(a) -> None:
@@ -373,8 +351,8 @@ def run_train(a) -> None:
     params = final_params(out["restored_step"])
     out["restored_max_abs_diff"] = max(float(np.abs(params[k] - saved[k]).max()) for k in saved.files)
   writer = lambda name: _FileWriter(os.path.join(a.workdir, f"tb_process{pid}.jsonl"))
-  if a.sigterm_at_batch:  # a stop signal reaching this process only, during step N
-    _signal_at_batch(task, a.sigterm_at_batch, cfg.data.get("prefetch", 2))
+  if a.sigterm_at_step:  # a stop signal reaching this process only, during step N
+    _signal_at_step(a.sigterm_at_step)
   if a.check_restore:
     # The continuation extends the finished 3-step stage to 5 steps on purpose: a config
     # change that loop.check_stage_config refuses for users (train.steps is in the stage's
@@ -410,7 +388,7 @@ def main(argv=None) -> None:
   p.add_argument("--virtual-shards", type=int, default=0)
   p.add_argument("--dump")
   p.add_argument("--check-restore")
-  p.add_argument("--sigterm-at-batch", type=int, default=0)
+  p.add_argument("--sigterm-at-step", type=int, default=0)
   a = p.parse_args(argv)
   if a.mode == "equiv":
     run_equiv(a.out)

@@ -130,6 +130,23 @@ def test_comma_separated_methods_and_sizes_are_split():
   config_check.validate(cfg)
 
 
+def test_load_config_parses_overrides_as_the_cli_does():
+  """experiment.load_config (notebooks, tests, the grid) applies --config.* overrides through
+  ml_collections' config flag as main.py does: the last value of a field wins, tuples too;
+  the preset after ':' is honoured; anything else is refused with the argument named."""
+  from askd_jax import experiment
+  from askd_jax.failures import UsageError
+  cfg = experiment.load_config(f"--config={REPO / 'configs' / 'facerec.py'}:casia",
+                               ["--config.student.sizes=7,", "--config.train.lr=0.3",
+                                "--config.student.sizes=14,28", "--config.train.lr", "0.2"])
+  assert cfg.preset == "casia" and cfg.data.name == "insightface"
+  assert tuple(cfg.student.sizes) == (14, 28) and cfg.train.lr == 0.2
+  with pytest.raises(UsageError, match="--workdir=w: load_config takes --config"):
+    experiment.load_config(str(REPO / "configs" / "facerec.py"), ["--workdir=w"])
+  with pytest.raises(AttributeError, match="no_such_field"):
+    experiment.load_config(str(REPO / "configs" / "facerec.py"), ["--config.train.no_such_field=1"])
+
+
 # --- the teacher a student distils from ----------------------------------------------------
 
 def _teacher(tmp_path, **changes) -> str:

@@ -11,7 +11,6 @@ one bottleneck per stage, width 8) at 64x64 through `python -m askd_jax.main`.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -36,11 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(preset: str = "small"):
-  spec = importlib.util.spec_from_file_location("widerface_cfg",
-                                                os.path.join(REPO, "configs", "widerface.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+  from askd_jax import experiment
+  return experiment.load_config(os.path.join(REPO, "configs", f"widerface.py:{preset}"))
 
 
 # --------------------------------------------------------------------------- generated data

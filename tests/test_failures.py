@@ -132,11 +132,8 @@ def test_lock_refuses_a_second_process_and_takes_over_a_dead_ones(tmp_path):
 
 
 def _demo_cfg():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("facerec_config", REPO / "configs" / "facerec.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config("demo")
+  from askd_jax import experiment
+  return experiment.load_config(str(REPO / "configs" / "facerec.py"))
 
 
 def _fake_done_stage(w: Path, name: str, cfg_hash: str):
@@ -204,7 +201,7 @@ def test_write_json_leaves_no_tmp_file_when_the_write_fails(tmp_path, monkeypatc
 # --- 4. overrides: one last value per field -----------------------------------------------------
 
 def test_repeated_overrides_keep_the_last_value_lists_included():
-  from askd_jax.main import last_value_per_field
+  from askd_jax.experiment import last_value_per_field
   argv = ["--config=c.py", "--config.student.sizes=7,", "--workdir=w",
           "--config.student.sizes=8", "--config.student.methods=askd",
           "--config.train.lr", "0.3", "--config.student.methods=", "--config.train.lr=0.2"]

@@ -174,7 +174,7 @@ def test_stop_signal_on_one_host_stops_every_host_at_the_same_step(runs):
   port = _free_port()
   _run_all([["train", "--devices", "2", "--num-processes", "2", "--process-id", str(i),
              "--port", str(port), "--teacher", str(tmp / "teacher"), "--workdir", wd,
-             "--steps", "5"] + (["--sigterm-at-batch", "2"] if i == 1 else [])
+             "--steps", "5"] + (["--sigterm-at-step", "2"] if i == 1 else [])
             for i in range(2)], [str(tmp / f"preempt{i}.log") for i in range(2)], 600)
   res = [json.load(open(os.path.join(wd, f"result_process{i}.json"))) for i in range(2)]
   assert "another process received a stop signal" in res[0]["preempted"]

@@ -365,11 +365,8 @@ def test_workdir_guard_refuses_another_config(ref_run, common, tmp_path):
 
 
 def _get_config(preset="demo"):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("facerec_config", REPO / "configs" / "facerec.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(preset)
+  from askd_jax import experiment
+  return experiment.load_config(f"{REPO / 'configs' / 'facerec.py'}:{preset}")
 
 
 def test_workdir_guard_overwrite_moves_old_run_aside(tmp_path):

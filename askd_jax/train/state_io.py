@@ -93,8 +93,10 @@ def _drop_closed_loop_errors() -> None:
   def failed_reads(record):
     # The tasks of a read orbax gave up on are finalised whenever the garbage collector
     # reaches them, possibly after `_quiet_libraries` ended: asyncio then logs each as
-    # "Task exception was never retrieved" with its traceback. Only orbax uses asyncio here.
-    if record.getMessage().startswith("Task exception was never retrieved"):
+    # "Task exception was never retrieved" (or "Future exception ...", for a future of such a
+    # task) with its traceback. Only orbax uses asyncio here.
+    if record.getMessage().startswith(("Task exception was never retrieved",
+                                       "Future exception was never retrieved")):
       log.info("a failed checkpoint library task was finalised (ignored): %s",
                record.exc_info[1] if record.exc_info else "")
       return False
