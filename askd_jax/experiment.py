@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from typing import Any, Dict, List, Sequence
 
 from askd_jax import stop
@@ -60,10 +61,12 @@ def load_config(config: str, overrides: Sequence[str] = ()):
       raise UsageError(f"{a}: load_config takes --config.FIELD=VALUE overrides only")
   argv = ["load_config", f"--config={config}", *argv]
   fv = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", config, flag_values=fv, lock_config=True,
-                                           sys_argv=argv)
-  fv(argv)
-  return holder.value
+  with warnings.catch_warnings():  # ml_collections loads the file with importlib's load_module
+    warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+    holder = config_flags.DEFINE_config_file("config", config, flag_values=fv, lock_config=True,
+                                             sys_argv=argv)
+    fv(argv)
+    return holder.value
 
 
 def setup(cfg) -> None:
