@@ -127,20 +127,24 @@ def tiny_facerec_run(tmp_path_factory):
 # module's tests to both workers, and each then builds its module fixtures. (`loadgroup`
 # would allow finer groups, but pytest-xdist 3.8 cannot mark them under pytest 9.) LONG_FIRST
 # hands the long modules out first, so that the short ones fill in at the end and the two
-# workers finish together; the users of the session's tiny_facerec_run (test_main.py first,
-# test_notebooks.py and test_use_model.py much later) are spread out so that one worker
-# rarely waits on the other's file lock. Seconds: a cold CI run on a loaded 2-core machine.
+# workers finish together; test_main.py, the first user of the session's tiny_facerec_run,
+# comes before its later users (test_notebooks.py, test_use_model.py), so that they rarely
+# wait on its file lock. Seconds: the module's total in a cold `--durations=0` run on the
+# 2-core machine with both workers busy, before TEST_XLA_FLAGS (~0.6x now); only the order
+# matters (tests/test_suite.py checks the names).
 LONG_FIRST = [
-    "test_sharding.py",            # `equiv`: 1 vs 4 devices, 180 s
-    "test_multihost.py",           # `runs`: 3 multi-process phases, 170 s; 75 s
-    "test_reliability.py",         # `ref_run`, `interrupted`: 145 s; 45 s
+    "test_rehearse.py",            # three quick rehearsals: 380 s
+    "test_reliability.py",         # `ref_run`, `interrupted`, the CLI cases: 280 s
+    "test_multihost.py",           # `runs`: 3 multi-process phases, 270 s
+    "test_sharding.py",            # `equiv`: 1 vs 4 devices, 250 s
+    "test_signals.py",             # 205 s
+    "test_detection_task.py",      # 200 s
+    "test_main.py",                # tiny_facerec_run: 110 s
+    "test_classification.py",      # 135 s
     "test_compare.py",             # 130 s
-    "test_detection_task.py",      # 125 s
-    "test_main.py",                # tiny_facerec_run: 95 s
-    "test_signals.py",             # 60 s, 45 s
-    "test_real_face_data_run.py",  # 90 s
-    "test_classification.py",      # 70 s, 65 s
-    "test_tinaface.py",            # 50 s, 45 s
+    "test_official_eval_e2e.py",   # 125 s
+    "test_tinaface.py",            # 105 s
+    "test_real_face_data_run.py",  # 55 s
 ]
 
 
