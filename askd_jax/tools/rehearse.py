@@ -201,11 +201,9 @@ def main_command(preset: str, out: str, workdir: str, steps: int, batch: int,
          "--config.student.methods=askd,", f"--config.eval.batch_size={eval_batch}",
          f"--config.jax_cache_dir={jax_cache_dir}", *extra]
   if preset in ("imagenet", "widerface"):  # the preset's worker count, capped at the cores
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", config))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    workers = min(int(mod.get_config(preset).data.workers), os.cpu_count() or 1)
+    from askd_jax.experiment import load_config
+    preset_cfg = load_config(f"{os.path.join(ROOT, 'configs', config)}:{preset}")
+    workers = min(int(preset_cfg.data.workers), os.cpu_count() or 1)
     cmd.append(f"--config.data.workers={workers}")
   if dtype:
     cmd.append(f"--config.dtype={dtype}")
