@@ -168,13 +168,15 @@ def test_model_written_by_two_processes_loads_in_this_process(runs):
 
 def test_stop_signal_on_one_host_stops_every_host_at_the_same_step(runs):
   """SIGTERM reaching process 1 only (during step 2): the processes agree on it
-  after step 2, both save step 2 together and stop, none waits forever in a lone save."""
+  after step 2, both save step 2 together and stop, none waits forever in a lone save.
+  (The layout of the two-process run above, `--shard-min 256`: the same programs, which
+  the session's persistent XLA cache holds.)"""
   tmp = runs["tmp"]
   wd = str(tmp / "preempt")
   port = _free_port()
   _run_all([["train", "--devices", "2", "--num-processes", "2", "--process-id", str(i),
              "--port", str(port), "--teacher", str(tmp / "teacher"), "--workdir", wd,
-             "--steps", "5"] + (["--sigterm-at-step", "2"] if i == 1 else [])
+             "--shard-min", "256", "--steps", "5"] + (["--sigterm-at-step", "2"] if i == 1 else [])
             for i in range(2)], [str(tmp / f"preempt{i}.log") for i in range(2)], 600)
   res = [json.load(open(os.path.join(wd, f"result_process{i}.json"))) for i in range(2)]
   assert "another process received a stop signal" in res[0]["preempted"]
