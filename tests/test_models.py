@@ -113,9 +113,9 @@ def test_small_variant(size, spatial, run):
   init = lambda x: model.init(jax.random.key(0), x, labels)
   fwd = lambda v, x: model.apply(v, x, labels, train=True, mutable=["batch_stats"],
                                  rngs={"dropout": jax.random.key(2)})[0]
-  if run:  # one real forward (values); the other size only traces (shapes)
-    variables = init(x)
-    out, feats = fwd(variables, x)
+  if run:  # one real forward (values, jitted); the other size only traces (shapes)
+    variables = jax.jit(init)(x)
+    out, feats = jax.jit(fwd)(variables, x)
     assert np.all(np.isfinite(out["embedding"])) and np.all(np.isfinite(out["logits"]))
   else:
     variables = jax.eval_shape(init, x)

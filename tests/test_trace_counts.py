@@ -83,7 +83,7 @@ def test_embedding_function_traces_once_with_a_ragged_last_batch(monkeypatch):
   task = _task()
   model = task.model(spec=SPEC)
   x = jnp.zeros((1, 16, 16, 3))
-  variables = model.init(jax.random.key(0), x, None, train=False)
+  variables = jax.jit(lambda k: model.init(k, x, None, train=False))(jax.random.key(0))
   made = []
   real = task.embed_fn
   monkeypatch.setattr(task, "embed_fn", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
