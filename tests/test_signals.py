@@ -167,8 +167,8 @@ def test_signals_at_random_moments_are_honoured(reference, tmp_path):
     # The first run in `w` starts from scratch and takes about `whole` (less the data
     # preparation the timing run did): a delay in its first half always lands before its
     # report, so at least one delivery is checked. (Drawn from the whole run, the first one
-    # could land after the report, and the runs after it then found `w` finished: 0 checked,
-    # a flaky failure seen in CI.) The later runs resume and take any delay.
+    # could land after the report, and the runs after it then found `w` finished: 0
+    # checked.) The later runs resume and take any delay.
     delay = rng.uniform(0.0, whole / 2 if n == 0 else whole)
     sig = (signal.SIGTERM, signal.SIGINT)[n % 2]
     done = threading.Event()
