@@ -156,6 +156,8 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
         cache = json.load(f)
       except json.JSONDecodeError:
         cache = {}  # cut short by a crash: evaluate again
+    if not isinstance(cache, dict):  # `null`, a list: a cache, so evaluate again
+      cache = {}
   fingerprint = eval_fingerprint(cfg)
   if cache and cache.get("_eval") != fingerprint:
     log.info("%s was written for another evaluation (protocol or sets); evaluating again",

@@ -12,28 +12,36 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import time
 from typing import Any, Optional
 
 LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
 
 
 class WorkdirError(RuntimeError):
   """The workdir is in use or holds another config's run (exit status 1)."""
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write; nothing is left behind when it fails (e.g. the disk is full)."""
+def write_text(path: str, text: str) -> None:
+  """Atomic write: the old file or the whole new one, never a part; nothing is left behind
+  when it fails (e.g. the disk is full)."""
   tmp = path + ".tmp"
   try:
     with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write(text)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (`write_text`)."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _alive(pid: int) -> bool:
@@ -119,24 +127,37 @@ def _stage_dirs(workdir: str):
 def guard(workdir: str, cfg, overwrite: bool, lock: Optional[Lock] = None) -> None:
   """Refuse to mix two configs' runs in one workdir unless asked to start afresh; writes
   config.json only after every check passed."""
-  from askd_jax.train.loop import StageConfigError, cfg_hash, check_stage_config
+  from askd_jax.train.loop import (StageConfigError, cfg_hash, check_stage_config,
+                                   config_changes, hashed_config)
   path = os.path.join(workdir, "config.json")
   mine = {"config_hash": cfg_hash(cfg), "config": json.loads(cfg.to_json_best_effort())}
+  fields = hashed_config(cfg)
   problem = None
+  old = None
   if os.path.exists(path):
     with open(path) as f:
       try:
         old = json.load(f)
-      except json.JSONDecodeError:
-        old = {"config_hash": "unreadable"}
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict) or "config_hash" not in old:
+      # Cut short or edited: each stage records its own config hash and is checked below,
+      # so the file is written again rather than blocking the run.
+      log.warning("%s is unreadable; checking the stages' own config records instead and "
+                  "writing it again", path)
+      old = None
+  if old is not None:
     if old.get("config_hash") != mine["config_hash"]:
-      problem = (f"{workdir} holds a run with another config (hash {old.get('config_hash')} vs "
-                 f"{mine['config_hash']}); use another --workdir, or pass --overwrite to move "
-                 "the old run aside and start afresh")
+      changed = config_changes(old.get("config"), fields)
+      what = (f"changed: {changed}" if changed
+              else f"hash {old.get('config_hash')} vs {mine['config_hash']}")
+      problem = (f"{workdir} holds a run with another config ({what}); run it with the "
+                 "values it was trained with, use another --workdir, or pass --overwrite to "
+                 "move the old run aside and start afresh")
   if problem is None:
     for d in _stage_dirs(workdir):  # config.json may be gone; each stage knows its config
       try:
-        check_stage_config(d, mine["config_hash"])
+        check_stage_config(d, mine["config_hash"], fields)
       except StageConfigError as e:
         problem = str(e)
         break

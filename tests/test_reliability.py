@@ -428,8 +428,8 @@ def test_other_config_without_config_json_is_refused_and_writes_nothing(ref_run,
   rc, out, err = run_cli(_cmd(w, common, "--config.model.width=0.25"), tmp_path, "other")
   assert rc == 1, err[-3000:]
   line = one_error_line(err)
-  assert re.search(rf"{w}/\S+ was trained with another config \(hash \w+, recorded in "
-                   rf"{w}/\S+; this run's is \w+\); run it with the config it was trained "
+  assert re.search(rf"{w}/\S+ was trained with another config \(changed: model.width 0.125 "
+                   rf"-> 0.25; recorded in {w}/\S+\); run it with the config it was trained "
                    "with", line), line
   _stderr_ok(err)
   assert not (w / "config.json").exists() and "Teacher" not in out

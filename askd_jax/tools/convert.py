@@ -400,8 +400,13 @@ def convert(net: str, out: str, margin: str | None = None, depth: int | None = N
   """Read, map, check and export; returns the written spec."""
   from askd_jax.train import checkpoint  # orbax: only needed to write
 
+  from askd_jax.tools.paths import check_output
   if depth is not None and depth not in STAGE_SIZES:
     raise ConvertError(f"--depth={depth} is not one of {sorted(STAGE_SIZES)}")
+  check_output("--out", out, directory=True)  # before reading the checkpoint
+  if os.path.exists(os.path.join(out, "variables")) and not overwrite:
+    raise ConvertError(f"{os.path.abspath(out)} already holds a model; choose another --out "
+                       "or pass --overwrite to replace it")
   net = os.path.abspath(net)
   margin = os.path.abspath(margin) if margin else None
   variables, arch = torch_state_to_flax(
@@ -432,12 +437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="input side the net expects (default: 16 x last-stage side, 112)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = p.parse_args(argv)
+  from askd_jax.tools.paths import OutputPathError
   try:
     spec = convert(args.net, args.out, args.margin, args.depth, args.width,
                    args.channel_order, args.overwrite, args.input_size)
   except ConvertError as e:
     print(f"convert: error: {e}", file=sys.stderr)
     return 2
+  except OutputPathError as e:  # not writable: a run-time failure, as in the other tools
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 1
   print(f"wrote {os.path.abspath(args.out)}: iresnet_cbam depth={spec['depth']} "
         f"width={spec['width']} stage_sizes={spec['stage_sizes']} "
         f"classes={spec['num_classes']} channel_order={spec['channel_order']}")

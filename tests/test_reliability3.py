@@ -1,0 +1,273 @@
+"""Reliability, third round (issue 33): a damaged model never answers with old numbers, no tool
+throws work away, every refusal names its way out.
+
+Each case drives the CLI or the public tool on a copy of the session's tiny trained run
+(conftest.py `tiny_facerec_run`: 28 px ORL, width 0.125, 4 steps per stage, checkpoints at 2
+and 4); the CLI runs use `production_env()`, as that run did, so their programs come from the
+persistent XLA cache. Every failure is checked for the one-line rule: at most 2 stderr lines,
+exit 1 at run time, 2 for a usage error. The docstrings say which tests were seen failing on
+the code before the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY_FACEREC, production_env, run_main
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run(tiny_facerec_run, tmp_path):
+  """(copy of the tiny run's workdir, data dir, main(*extra) -> CompletedProcess in it)."""
+  src, data, _ = tiny_facerec_run
+  wd = tmp_path / "wd"
+  shutil.copytree(src, wd, ignore=shutil.ignore_patterns(".lock"))
+
+  def main(*extra):
+    return run_main(wd, *TINY_FACEREC, f"--config.data.data_dir={data}", *extra,
+                    env=production_env())
+  return wd, data, main
+
+
+def _err_lines(err: str):
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert len(lines) <= 2 and "Traceback" not in err, err
+  return lines
+
+
+def _error(r, code=1) -> str:
+  """The `error: ` line of a failed CLI run with exit status `code` (the one-line rule)."""
+  assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+  lines = _err_lines(r.stderr)
+  errs = [l for l in lines if "error: " in l]
+  assert len(errs) == 1, r.stderr
+  return errs[0]
+
+
+def _flip_middle_byte_of_largest(folder) -> str:
+  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+  big = max(files, key=os.path.getsize)
+  with open(big, "r+b") as f:
+    f.seek(os.path.getsize(big) // 2)
+    b = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([b[0] ^ 0xFF]))
+  return big
+
+
+def _tool(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=production_env(),
+                        capture_output=True, text=True, timeout=600)
+
+
+# --- 1. a finished stage whose final checkpoint is damaged ----------------------------------
+
+def test_damaged_final_checkpoint_is_refused_and_the_advice_retrains_it(run):
+  """Issue 33 case 1. Before the fix the re-run exited 0 with the step-2 model's accuracy
+  (one warning line), model.json still said 4 steps and eval.json cached the wrong number;
+  seen failing (exit 0) with load_model falling back again."""
+  wd, _, main = run
+  stage = wd / "student_askd_7px"
+  want = json.loads((stage / "eval.json").read_text())["7"]
+  spec = (stage / "model.json").read_text()
+  _flip_middle_byte_of_largest(stage / "checkpoints" / "4" / "state" / "d")
+  (stage / "eval.json").unlink()
+  line = _error(main())
+  assert f"{stage}/checkpoints/4: the final weights" in line and "cannot be read" in line, line
+  assert f"rm {stage}/DONE, then run the training command again" in line, line
+  assert not (stage / "eval.json").exists() and (stage / "model.json").read_text() == spec
+  # the tools refuse it too, in one line
+  r = _tool("askd_jax.tools.export", f"--model={stage}", f"--out={wd / 'm.jaxexport'}")
+  assert r.returncode == 1 and "the final weights" in _err_lines(r.stderr)[0], r.stderr
+  # the advice works: the last steps are trained again, to the same weights and numbers
+  os.unlink(stage / "DONE")
+  r = main()
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads((stage / "eval.json").read_text())["7"] == want
+  assert os.path.exists(stage / "DONE")
+
+
+def test_damaged_teacher_stops_the_run_before_any_student(run):
+  """Issue 33 case 1 (teacher): the teacher's evaluation loads its final weights first, so a
+  student is never distilled from an older teacher. Seen failing before the fix (exit 0)."""
+  wd, _, main = run
+  teacher = wd / "teacher"
+  shutil.rmtree(wd / "student_askd_7px")
+  _flip_middle_byte_of_largest(teacher / "checkpoints" / "4" / "state" / "d")
+  line = _error(main())
+  assert f"{teacher}/checkpoints/4: the final weights" in line, line
+  assert not (wd / "student_askd_7px").exists()
+
+
+# --- 2. the report counts a run once ---------------------------------------------------------
+
+def test_report_counts_a_run_once_and_refuses_one_experiment_twice(tiny_facerec_run, tmp_path):
+  """Issue 33 case 2. Before the fix `report W W/` gave `(n=2)` and two copies of one run were
+  averaged; seen failing (n=2, exit 0)."""
+  wd = str(tiny_facerec_run[0])
+  r = _tool("askd_jax.report", wd, wd + "/")
+  assert r.returncode == 0, r.stderr
+  assert "(n=1)" in r.stdout and "(n=2)" not in r.stdout
+  copy = tmp_path / "copy"
+  shutil.copytree(wd, copy, ignore=shutil.ignore_patterns("student_*", "teacher", "tensorboard"))
+  r = _tool("askd_jax.report", wd, str(copy))
+  line = _error(r, 2)
+  assert "hold the same experiment" in line and str(copy) in line, line
+  # a results.json cut short: one line, exit 1
+  (copy / "config.json").unlink()
+  with open(copy / "results.json", "r+") as f:
+    f.truncate(100)
+  line = _error(_tool("askd_jax.report", wd, str(copy)), 1)
+  assert f"{copy}/results.json: not a run's results" in line, line
+
+
+# --- 3. high-bit-depth images ----------------------------------------------------------------
+
+def test_16_bit_and_other_image_modes_read_as_their_8_bit_pixels(tmp_path):
+  """Issue 33 case 3. Before the fix a 16-bit grey PNG (I;16) went through convert("RGB") and
+  nearly every pixel became 255; seen failing. 48-bit RGB and palette images read as their 8-bit
+  pixels; float and 32-bit integer TIFFs are refused in one line."""
+  from askd_jax import api
+  rng = np.random.RandomState(0)
+  g8 = rng.randint(0, 256, (16, 16)).astype(np.uint8)
+  Image.fromarray(g8).save(tmp_path / "g8.png")
+  Image.fromarray(g8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+  assert Image.open(tmp_path / "g16.png").mode == "I;16"
+  want = api.read_image(tmp_path / "g8.png", 16)
+  np.testing.assert_array_equal(api.read_image(tmp_path / "g16.png", 16), want)
+  rgb8 = rng.randint(0, 256, (16, 16, 3)).astype(np.uint8)
+  import cv2  # writes 48-bit RGB PNGs (BGR order)
+  cv2.imwrite(str(tmp_path / "rgb48.png"), (rgb8.astype(np.uint16) * 257)[:, :, ::-1])
+  np.testing.assert_array_equal(api.read_image(tmp_path / "rgb48.png", 16), rgb8)
+  Image.fromarray(rgb8).convert("P").save(tmp_path / "p.png")
+  np.testing.assert_array_equal(api.read_image(tmp_path / "p.png", 16),
+                                np.asarray(Image.open(tmp_path / "p.png").convert("RGB")))
+  Image.fromarray(g8.astype(np.float32) / 255).save(tmp_path / "f.tif")
+  Image.fromarray(g8.astype(np.int32)).save(tmp_path / "i.tif")
+  for name in ("f.tif", "i.tif"):
+    with pytest.raises(api.ImageError, match="white level is unknown"):
+      api.read_image(tmp_path / name, 16)
+
+
+def test_embed_cli_embeds_a_16_bit_crop_as_its_8_bit_copy(tiny_facerec_run, tmp_path):
+  """Issue 33 case 3, through the embed tool: the 16-bit copy of a face crop gets the
+  embedding of the 8-bit one. Seen failing before the fix."""
+  from askd_jax.data import orl
+  from askd_jax.tools import embed
+  src, data, _ = tiny_facerec_run
+  d = orl.load_demo(str(data), 28, num_pairs=200)
+  face = np.asarray(d["test_images"][0])
+  faces = tmp_path / "faces"
+  faces.mkdir()
+  Image.fromarray(face).save(faces / "a8.png")
+  Image.fromarray(face).convert("L").save(faces / "b8.png")
+  Image.fromarray(np.asarray(Image.fromarray(face).convert("L")).astype(np.uint16) * 257
+                  ).save(faces / "c16.png")
+  rc = embed.main([f"--model={src}/teacher", f"--images={faces}", f"--out={tmp_path / 'e.npz'}"])
+  assert rc == 0
+  with np.load(tmp_path / "e.npz") as z:
+    emb = z["embeddings"]
+  np.testing.assert_allclose(emb[2], emb[1], atol=1e-5)
+
+
+# --- 4. output paths checked before the work -------------------------------------------------
+
+@pytest.mark.parametrize("tool", ["embed", "export", "convert", "report"])
+def test_tools_check_the_output_path_before_any_work(tiny_facerec_run, tmp_path, tool):
+  """Issue 33 case 4: an output under a file (so no folder can be made there) is refused first,
+  in one line naming --out, exit 1. Before the fix embed embedded every image and then failed
+  naming its temporary file; export exported first; seen failing for embed and export."""
+  src, _, _ = tiny_facerec_run
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  out = blocker / "sub" / "x"
+  teacher = f"{src}/teacher"
+  args = {"embed": ("askd_jax.tools.embed", f"--model={teacher}", f"--images={src}",
+                    f"--out={out}.npz"),
+          "export": ("askd_jax.tools.export", f"--model={teacher}", f"--out={out}.jaxexport"),
+          "convert": ("askd_jax.tools.convert", f"--net={tmp_path / 'absent.ckpt'}",
+                      f"--out={out}"),
+          "report": ("askd_jax.report", "--out", str(out), str(src))}[tool]
+  r = _tool(*args)
+  assert r.returncode == 1, (r.returncode, r.stderr)
+  (line,) = _err_lines(r.stderr)
+  assert f"--out={out}" in line and f"{blocker} is a file, not a folder" in line, line
+  assert "tmp" not in line.rsplit("/", 1)[-1]
+
+
+# --- 5. stuck states lead somewhere ----------------------------------------------------------
+
+def test_null_eval_json_is_a_cache_evaluated_again(run):
+  """Issue 33 case 5: `echo null > W/teacher/eval.json` made every re-run fail with a raw
+  TypeError (seen failing before the fix); it is a cache: evaluated again, same numbers."""
+  wd, _, main = run
+  ev = wd / "teacher" / "eval.json"
+  want = json.loads(ev.read_text())["HR"]
+  ev.write_text("null\n")
+  r = main()
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(ev.read_text())["HR"] == want
+
+
+def test_deleted_model_json_and_cut_config_json_recover_by_themselves(run):
+  """Issue 33 case 5: `rm W/teacher/model.json` left a stage that said "run its training
+  command again", which changed nothing (DONE was there); `truncate -s 50 W/config.json` was
+  "another config". Both recover: the stage restores its final step and writes model.json
+  again, config.json is written again after the stages' own records were checked. Seen
+  failing (exit 1) before the fix."""
+  wd, _, main = run
+  spec = json.loads((wd / "teacher" / "model.json").read_text())
+  (wd / "teacher" / "model.json").unlink()
+  with open(wd / "config.json", "r+") as f:
+    f.truncate(50)
+  r = main()
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"{wd}/config.json is unreadable; checking the stages' own config records" in r.stderr
+  again = json.loads((wd / "teacher" / "model.json").read_text())
+  assert again["trained_steps"] == spec["trained_steps"] == 4
+  assert again["variables_hash"] == spec["variables_hash"]
+  assert json.loads((wd / "config.json").read_text())["config_hash"] == spec["config_hash"]
+
+
+def test_deleted_checkpoints_name_the_command_that_trains_the_stage_again(run):
+  """Issue 33 case 5: after `rm -r W/teacher/checkpoints` every re-run said "the model was
+  never saved there" (seen failing before the fix). The line names `rm W/teacher/DONE`, and
+  following it trains the teacher again, to the same weights."""
+  wd, _, main = run
+  teacher = wd / "teacher"
+  spec = json.loads((teacher / "model.json").read_text())
+  shutil.rmtree(teacher / "checkpoints")
+  line = _error(main())
+  assert "its checkpoints folder is missing" in line and f"rm {teacher}/DONE" in line, line
+  os.unlink(teacher / "DONE")
+  r = main()
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads((teacher / "model.json").read_text())["variables_hash"] == \
+      spec["variables_hash"]
+
+
+# --- 6. config refusals name the fields ------------------------------------------------------
+
+def test_config_refusals_name_the_changed_fields(run):
+  """Issue 33 case 6: the refusal named two hashes; it names the fields and values, from
+  config.json and, when that is gone, from the stage's own record (model.json). Seen failing
+  before the fix (hashes only)."""
+  wd, _, main = run
+  line = _error(main("--config.model.width=0.25", "--config.train.lr=0.2"))
+  assert f"{wd} holds a run with another config (changed: model.width 0.125 -> 0.25, " \
+         "train.lr 0.1 -> 0.2)" in line, line
+  (wd / "config.json").unlink()
+  line = _error(main("--config.model.width=0.25"))
+  assert "was trained with another config (changed: model.width 0.125 -> 0.25; recorded in " \
+         f"{wd}/" in line, line
+  assert not (wd / "config.json").exists()  # nothing written
