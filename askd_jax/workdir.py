@@ -25,13 +25,13 @@ class WorkdirError(RuntimeError):
   """The workdir is in use or holds another config's run (exit status 1)."""
 
 
-def write_text(path: str, text: str) -> None:
-  """Atomic write: the old file or the whole new one, never a part; nothing is left behind
-  when it fails (e.g. the disk is full)."""
+def _write_atomic(path: str, write) -> None:
+  """The old file or the whole new one, never a part; nothing is left behind when the write
+  fails (e.g. the disk is full)."""
   tmp = path + ".tmp"
   try:
     with open(tmp, "w") as f:
-      f.write(text)
+      write(f)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -39,9 +39,14 @@ def write_text(path: str, text: str) -> None:
     raise
 
 
+def write_text(path: str, text: str) -> None:
+  """Atomic text write (`_write_atomic`)."""
+  _write_atomic(path, lambda f: f.write(text))
+
+
 def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (`write_text`)."""
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True))
+  """Atomic JSON write (`_write_atomic`)."""
+  _write_atomic(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
 
 
 def _alive(pid: int) -> bool:
