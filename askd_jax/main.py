@@ -170,6 +170,11 @@ def _evaluate_only(cfg) -> None:
   except (FileNotFoundError, ValueError) as e:
     msg = str(e)
     raise UsageError(f"--evaluate={msg}" if msg.startswith(path) else msg) from None
+  side = read_spec(path).get("input_size") or cfg.get("data", {}).get("image_size")
+  bad = [s for s in sizes if not 1 <= s <= (side or s)]
+  if bad:
+    raise UsageError(f"--eval_sizes={_SIZES.value}: {bad[0]} px is outside [1, {side}], the "
+                     f"input size of {path}; give sizes up to {side} (empty: high resolution)")
   print(json.dumps(experiment.evaluate(cfg, path, sizes), indent=2))
 
 

@@ -74,6 +74,9 @@ class Lock:
     """Take the lock; returns a line to print when it took over a dead process's lock."""
     import fcntl
     os.makedirs(self.workdir, exist_ok=True)
+    if os.path.isdir(self.path):
+      raise WorkdirError(f"{self.path} is a folder, but it must be the workdir's lock file; "
+                         f"remove it (rm -r {self.path}) and run the same command again")
     f = open(self.path, "a+")
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,9 +98,10 @@ class Lock:
     f.flush()
     self._f = f
     if left.isdigit() and int(left) != os.getpid():
-      state = "no longer running" if not _alive(int(left)) else "no longer holding it"
-      return (f"took over the lock {self.path} left by process {left}, which is {state} "
-              "(a killed run); resuming")
+      state = ("no longer running (a killed run)" if not _alive(int(left)) else
+               "not holding it (a killed run whose pid now names another process, or a run "
+               "in another container or on another machine that has ended)")
+      return f"took over the lock {self.path} left by process {left}, which is {state}; resuming"
     return None
 
   def release(self) -> None:

@@ -271,3 +271,45 @@ def test_config_refusals_name_the_changed_fields(run):
   assert "was trained with another config (changed: model.width 0.125 -> 0.25; recorded in " \
          f"{wd}/" in line, line
   assert not (wd / "config.json").exists()  # nothing written
+
+
+# --- 8, 9. one line everywhere, exit codes and wording ---------------------------------------
+
+def test_lock_folder_and_a_lock_of_a_live_unrelated_process(run):
+  """Issue 33 cases 8-9: `.lock` being a folder gave a raw IsADirectoryError (seen failing);
+  a lock file naming PID 1 (alive, not holding the lock) was described as "(a killed run)"."""
+  wd, _, main = run
+  (wd / ".lock").mkdir()
+  line = _error(main())
+  assert f"{wd}/.lock is a folder" in line and f"rm -r {wd}/.lock" in line, line
+  (wd / ".lock").rmdir()
+  (wd / ".lock").write_text("1\n")
+  r = main()
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"took over the lock {wd}/.lock left by process 1, which is not holding it" in r.stdout
+  assert "which is no longer running" not in r.stdout
+
+
+def test_evaluate_with_a_size_above_the_input_is_a_usage_error(run):
+  """Issue 33 case 9: `--evaluate=DIR --eval_sizes=100` exited 1 (seen failing); it is a
+  usage error (2) naming the flag and the model's input size."""
+  wd, _, main = run
+  line = _error(main(f"--evaluate={wd}/teacher", "--eval_sizes=100"), 2)
+  assert "--eval_sizes=100: 100 px is outside [1, 28]" in line, line
+
+
+def test_stop_during_evaluation_names_the_stage_and_size():
+  """Issue 33 case 9: a stop between evaluation batches said "stopped during eval_batch"
+  only; it names the stage and the resolution (seen failing before the fix)."""
+  import signal
+  from askd_jax import experiment, stop
+
+  class Task:  # the part of a task that evaluation wraps: its embedding function
+    def embed_fn(self, *a, **k):
+      return lambda *x: 0
+  task = Task()
+  with stop.handling(), experiment._stop_between_batches(task, "student_askd_7px 7"):
+    f = task.embed_fn()
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(stop.Preempted, match="stopped during eval_batch student_askd_7px 7 "):
+      f()
