@@ -1,12 +1,18 @@
-"""Preparing a tfds builder's array_record files once, safely across processes.
+"""Preparing a tfds builder's array_record files once, safely across processes, and naming
+what was prepared.
 
 Several processes (the hosts of a run, or two runs sharing a data_dir) may ask for the same
 data set at once: the first one writes it under an exclusive file lock, the others wait and
-then read what it wrote.
+then read what it wrote. `prepared_identity` hashes the prepared records themselves, so two
+copies of one set share an identity wherever they live, and two sets of different content
+never do (tfds's dataset_info.json records sizes and counts, not a content hash). Preparing
+the same source files again may give another identity: tfds does not write a record's
+features in a fixed order.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from typing import Callable, Optional, TypeVar
 
@@ -60,3 +66,30 @@ def prepare_once(make: Callable[[], B], data_dir: str, lock_name: str,
       builder = make()
   stop.at("prepared", lock_name)
   return builder
+
+
+_IDENTITIES = {}  # (path, size, mtime_ns, inode) -> digest: each file is read once per process
+
+
+def prepared_identity(builder_dir: str) -> str:
+  """A 16-hex-digit content hash of a prepared tfds builder directory (`builder.data_dir`):
+  the names and bytes of its files (features.json and the record shards), not its path, and
+  not dataset_info.json (metadata, no records). Reads every byte once per process (about
+  1 GB/s); FileNotFoundError if the directory holds no file."""
+  names = sorted(n for n in os.listdir(builder_dir) if n != "dataset_info.json"
+                 and os.path.isfile(os.path.join(builder_dir, n)))
+  if not names:
+    raise FileNotFoundError(f"{builder_dir}: no prepared files")
+  h = hashlib.blake2b(digest_size=8)
+  for n in names:
+    path = os.path.join(builder_dir, n)
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _IDENTITIES:
+      f_hash = hashlib.blake2b(digest_size=16)
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          f_hash.update(chunk)
+      _IDENTITIES[key] = f_hash.hexdigest()
+    h.update(f"{n}\0{_IDENTITIES[key]}\0".encode())
+  return h.hexdigest()
