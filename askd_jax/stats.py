@@ -107,8 +107,8 @@ class SameRunError(ValueError):
 def distinct_runs(workdirs: Iterable[str]) -> List[str]:
   """The workdirs, each run once: a workdir named twice (W and W/, a link) is kept once;
   two workdirs holding the same experiment (the same config hash in config.json, seed and
-  split included: a copy, or the same command run twice) are a SameRunError, since
-  averaging them counts one result twice."""
+  split included, and the same training data: a copy, or the same command run twice) are a
+  SameRunError, since averaging them counts one result twice."""
   out, real, hashes = [], set(), {}
   for wd in workdirs:
     r = os.path.realpath(wd)
@@ -121,14 +121,28 @@ def distinct_runs(workdirs: Iterable[str]) -> List[str]:
         h = json.load(f).get("config_hash")
     except (OSError, ValueError, AttributeError):
       h = None
-    if h is not None and h in hashes:
-      raise SameRunError(f"{hashes[h]} and {wd} hold the same experiment (config hash {h}: "
-                         "same config, seed and split), so averaging them would count one "
-                         "result twice; leave one out, or give runs of other seeds "
-                         "(--config.seed=N) or splits")
+    data = _train_data(wd)
+    same = [w for w, d in hashes.get(h, []) if None in (d, data) or d == data]
+    if h is not None and same:  # a run whose stages record no data is taken as the same
+      raise SameRunError(f"{same[0]} and {wd} hold the same experiment (config hash {h}: "
+                         "same config, seed and split, and the same training data), so "
+                         "averaging them would count one result twice; leave one out, or give "
+                         "runs of other seeds (--config.seed=N) or splits")
     if h is not None:
-      hashes[h] = wd
+      hashes.setdefault(h, []).append((wd, data))
   return out
+
+
+def _train_data(workdir: str):
+  """The content hash of the training data a run's first finished stage recorded (where the
+  data lives is not in the config hash), or None."""
+  for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
+    try:
+      with open(os.path.join(workdir, name, "model.json")) as f:
+        return (json.load(f).get("train_data") or {}).get("identity")
+    except (OSError, ValueError, AttributeError):
+      continue
+  return None
 
 
 def load_runs(workdirs: Iterable[str]) -> List[Tuple[str, List[Dict[str, Any]]]]:

@@ -136,8 +136,8 @@ def _stage_dirs(workdir: str):
 def guard(workdir: str, cfg, overwrite: bool, lock: Optional[Lock] = None) -> None:
   """Refuse to mix two configs' runs in one workdir unless asked to start afresh; writes
   config.json only after every check passed."""
-  from askd_jax.train.loop import (StageConfigError, cfg_hash, check_stage_config,
-                                   config_changes, hashed_config)
+  from askd_jax.train.loop import (StageConfigError, cfg_hash, cfg_hashes,
+                                   check_stage_config, config_changes, hashed_config)
   path = os.path.join(workdir, "config.json")
   mine = {"config_hash": cfg_hash(cfg), "config": json.loads(cfg.to_json_best_effort())}
   fields = hashed_config(cfg)
@@ -156,7 +156,7 @@ def guard(workdir: str, cfg, overwrite: bool, lock: Optional[Lock] = None) -> No
                   "writing it again", path)
       old = None
   if old is not None:
-    if old.get("config_hash") != mine["config_hash"]:
+    if old.get("config_hash") not in cfg_hashes(cfg):
       changed = config_changes(old.get("config"), fields)
       what = (f"changed: {changed}" if changed
               else f"hash {old.get('config_hash')} vs {mine['config_hash']}")
@@ -166,7 +166,7 @@ def guard(workdir: str, cfg, overwrite: bool, lock: Optional[Lock] = None) -> No
   if problem is None:
     for d in _stage_dirs(workdir):  # config.json may be gone; each stage knows its config
       try:
-        check_stage_config(d, mine["config_hash"], fields)
+        check_stage_config(d, cfg_hashes(cfg), fields)
       except StageConfigError as e:
         problem = str(e)
         break

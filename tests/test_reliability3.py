@@ -136,7 +136,8 @@ def test_report_counts_a_run_once_and_refuses_one_experiment_twice(tiny_facerec_
 def test_16_bit_and_other_image_modes_read_as_their_8_bit_pixels(tmp_path):
   """Issue 33 case 3. Before the fix a 16-bit grey PNG (I;16) went through convert("RGB") and
   nearly every pixel became 255; seen failing. 48-bit RGB and palette images read as their 8-bit
-  pixels; float and 32-bit integer TIFFs are refused in one line."""
+  pixels; float and 32-bit integer TIFFs, and a 14000x14000 image (a decompression bomb, whose
+  PNG takes a few kB), are refused in one line."""
   from askd_jax import api
   rng = np.random.RandomState(0)
   g8 = rng.randint(0, 256, (16, 16)).astype(np.uint8)
@@ -152,6 +153,10 @@ def test_16_bit_and_other_image_modes_read_as_their_8_bit_pixels(tmp_path):
   Image.fromarray(rgb8).convert("P").save(tmp_path / "p.png")
   np.testing.assert_array_equal(api.read_image(tmp_path / "p.png", 16),
                                 np.asarray(Image.open(tmp_path / "p.png").convert("RGB")))
+  Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")  # 196 Mpx in a few kB
+  with pytest.raises(api.ImageError, match=r"bomb.png: not a readable image "
+                     r"\(DecompressionBombError: Image size \(196000000 pixels\) exceeds"):
+    api.read_image(tmp_path / "bomb.png", 16)
   Image.fromarray(g8.astype(np.float32) / 255).save(tmp_path / "f.tif")
   Image.fromarray(g8.astype(np.int32)).save(tmp_path / "i.tif")
   for name in ("f.tif", "i.tif"):
@@ -313,3 +318,98 @@ def test_stop_during_evaluation_names_the_stage_and_size():
     os.kill(os.getpid(), signal.SIGTERM)
     with pytest.raises(stop.Preempted, match="stopped during eval_batch student_askd_7px 7 "):
       f()
+
+
+# --- 7. the data's identity, not its path ----------------------------------------------------
+
+def _swap_first_two_records(shard) -> None:
+  """Rewrite an array_record shard with its first two records swapped: other training data
+  (another order), still a valid file of the same length."""
+  from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+  r = ArrayRecordReader(str(shard))
+  recs = r.read(list(range(r.num_records())))
+  r.close()
+  recs[0], recs[1] = recs[1], recs[0]
+  w = ArrayRecordWriter(str(shard), "group_size:1")
+  for rec in recs:
+    w.write(rec)
+  w.close()
+
+
+def test_a_copy_of_the_data_elsewhere_is_the_same_data(run, tmp_path):
+  """Issue 33 case 7: `--config.data.data_dir` pointing at an identical copy of the prepared
+  data was refused as "another config" (the path was hashed; seen failing before the fix).
+  Stages record the content hash of the prepared training data instead: a copy resumes (the
+  finished stages are kept), other data at another path is refused in one line naming both."""
+  wd, data, main = run
+  copy = tmp_path / "copy"
+  shutil.copytree(data, copy)
+  r = main(f"--config.data.data_dir={copy}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  log = (wd / "run.log").read_text().split("command: ")[-1]  # this run's part
+  assert "stage teacher already finished; skipping" in log and "resuming" not in log, log
+  spec = json.loads((wd / "teacher" / "model.json").read_text())
+  assert spec["train_data"]["dir"].startswith(str(data)), spec["train_data"]
+  (shard,) = copy.glob("orl_faces/*/*/orl_faces-train.array_record-*")
+  _swap_first_two_records(shard)
+  line = _error(main(f"--config.data.data_dir={copy}"))
+  assert f"{wd}/teacher was trained on other data: {data}/" in line, line
+  assert f"but this run reads {copy}/" in line and "point config.data.data_dir at" in line, line
+
+
+def test_workdirs_that_hashed_the_data_paths_still_resume(tmp_path):
+  """Issue 33 case 7: config.json and the stages of runs written before the data paths left the
+  config hash recorded a hash of them; those runs go on (cfg_hashes)."""
+  from askd_jax import experiment
+  from askd_jax.train.loop import cfg_hash
+  from conftest import tiny_facerec_cfg
+  cfg = tiny_facerec_cfg(str(tmp_path / "tfds"))
+  w = tmp_path / "w"
+  (w / "teacher").mkdir(parents=True)
+  (w / "teacher" / "DONE").write_text("4\n")
+  (w / "teacher" / "model.json").write_text(json.dumps({"config_hash": cfg_hash(cfg, True)}))
+  (w / "config.json").write_text(json.dumps({"config_hash": cfg_hash(cfg, True)}))
+  assert cfg_hash(cfg, True) != cfg_hash(cfg)
+  experiment.guard_workdir(str(w), cfg, overwrite=False)
+  assert json.loads((w / "config.json").read_text())["config_hash"] == cfg_hash(cfg)
+
+
+def test_relative_config_from_another_folder_with_an_override(tmp_path):
+  """Issue 33 case 9: `--config=configs/facerec.py --config.train.steps=2` run from another
+  folder printed ml_collections' raw "Configuration is not available because of an earlier
+  failure to load: ..." (seen failing before the fix); it is the documented line, naming the
+  current folder, exit 2, with or without an override."""
+  env = dict(production_env(), PYTHONPATH=os.pathsep.join(
+      [ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+  for extra in (["--config.train.steps=2"], []):
+    r = subprocess.run([sys.executable, "-m", "askd_jax.main", "--config=configs/facerec.py",
+                        *extra, f"--workdir={tmp_path / 'w'}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    line = _error(r, 2)
+    assert line == ("error: --config: [Errno 2] No such file or directory: 'configs/facerec.py' "
+                    f"(relative to the current folder {tmp_path}); give an existing config "
+                    "file, e.g. --config=configs/facerec.py"), line
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(tmp_path):
+  """Issue 33 case 8: converting a plain pickle that would run code printed torch's
+  "Detected pickle protocol 4" warning (2 lines) before the refusal, and the refusal named
+  torch's advice, not the reason (seen failing before the fix). One line, the code never runs."""
+  import pickle
+  torch = pytest.importorskip("torch")
+  marker = tmp_path / "ran"
+
+  class Payload:
+    def __reduce__(self):
+      return (os.system, (f"touch {marker}",))
+  with open(tmp_path / "plain.ckpt", "wb") as f:
+    pickle.dump({"net_state_dict": Payload()}, f, protocol=4)
+  torch.save({"net_state_dict": {"w": torch.zeros(2)}, "x": Payload()}, tmp_path / "zip.ckpt")
+  for name, why in (("plain", "Unsupported operand"),
+                    ("zip", "Trying to load unsupported GLOBAL posix.system")):
+    r = _tool("askd_jax.tools.convert", f"--net={tmp_path / name}.ckpt", f"--out={tmp_path / name}")
+    (line,) = _err_lines(r.stderr)
+    assert r.returncode == 2 and f"{name}.ckpt: not a PyTorch checkpoint" in line, r.stderr
+    assert f"(UnpicklingError: {why}" in line, line
+  assert not marker.exists()

@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -356,9 +357,17 @@ def load_torch_state(path: str) -> Dict[str, Array]:
     raise ConvertError(f"{path}: reading PyTorch checkpoints needs torch; "
                        "pip install torch==2.13.0") from e
   try:
-    obj = torch.load(path, weights_only=True, map_location="cpu")
+    with warnings.catch_warnings():  # a plain pickle's protocol: the refusal below says it
+      warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+      obj = torch.load(path, weights_only=True, map_location="cpu")
   except Exception as e:  # pickle/zip errors come in many types
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    # torch's refusal of a pickle that would run code wraps its reason ("Trying to load
+    # unsupported GLOBAL posix.system ...") in paragraphs of advice: keep the reason.
+    if lines and lines[0].startswith("Weights only load failed"):
+      lines = [l for l in lines[1:]
+               if not l.startswith(("Please file", "Check the documentation"))] or lines
+    msg = lines[0] if lines else ""
     raise ConvertError(f"{path}: not a PyTorch checkpoint that torch.load(weights_only=True) "
                        f"can read ({type(e).__name__}: {msg[:160]})") from e
   state = _unwrap(obj, path)

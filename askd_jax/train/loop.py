@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -76,18 +76,42 @@ def stage_config_hash(stage_dir: str, key: str = "config_hash"):
   return state_io.newest_meta_value(os.path.join(stage_dir, "checkpoints"), key)
 
 
-def check_stage_config(stage_dir: str, want: str, config: Optional[Dict[str, Any]] = None
-                       ) -> None:
+def check_stage_config(stage_dir: str, want: Sequence[str],
+                       config: Optional[Dict[str, Any]] = None) -> None:
   """Refuse a stage (finished or not) that was trained with another config than `want`
-  (`config`: this run's `hashed_config`, to name the fields that differ)."""
+  (`cfg_hashes`; `config`: this run's `hashed_config`, to name the fields that differ)."""
+  want = (want,) if isinstance(want, str) else tuple(want)
   got, where = stage_config_hash(stage_dir)
-  if got is not None and got != want:
+  if got is not None and got not in want:
     changed = config_changes(stage_config_hash(stage_dir, "config")[0], config or {})
-    what = f"changed: {changed}" if changed else f"hash {got}, this run's is {want}"
+    what = f"changed: {changed}" if changed else f"hash {got}, this run's is {want[0]}"
     raise StageConfigError(
         f"{stage_dir} was trained with another config ({what}; recorded in {where}); run it "
         "with the config it was trained with, or use another --workdir (or --overwrite to "
         "move the old run aside)")
+
+
+def check_stage_data(stage_dir: str, data: Optional[Dict[str, str]]) -> None:
+  """Refuse a stage (finished or not) that was trained on other data than `data`
+  (`Task.data_record`: the prepared training data's folder and content hash). The same
+  content anywhere (a copy) is the same data; so is the folder the stage was trained from,
+  whatever it holds now (a set prepared again there serialises its records in another order:
+  a warning). Stages that recorded no data, and in-memory data, are not checked."""
+  if not data:
+    return
+  was, where = stage_config_hash(stage_dir, "train_data")
+  if not isinstance(was, dict) or was.get("identity") == data["identity"]:
+    return
+  if was.get("dir") == data["dir"]:
+    log.warning("%s: the data in %s changed since the stage was trained (content hash %s, "
+                "now %s); going on with it", os.path.basename(stage_dir), data["dir"],
+                was.get("identity"), data["identity"])
+    return
+  raise StageConfigError(
+      f"{stage_dir} was trained on other data: {was.get('dir')} (content hash "
+      f"{was.get('identity')}; recorded in {where}), but this run reads {data['dir']} (content "
+      f"hash {data['identity']}); point config.data.data_dir at the data it was trained on (or "
+      "a copy of it), or use another --workdir")
 
 
 def _schedule(tcfg, steps_per_epoch, total_steps):
@@ -109,7 +133,8 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
 
 def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, writer_factory) -> str:
   stage_dir = os.path.join(workdir, stage.name)
-  check_stage_config(stage_dir, cfg_hash(cfg), hashed_config(cfg))
+  check_stage_config(stage_dir, cfg_hashes(cfg), hashed_config(cfg))
+  check_stage_data(stage_dir, task.data_record())
   if stage_done(workdir, stage):
     log.info("stage %s already finished; skipping", stage.name)
     return stage_dir
@@ -124,7 +149,10 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
   check = lambda state: _check_finite(state, b.nan_policy, b.max_bad_steps, stage)
   save = _saver(b, it, check, clock)
   actions = side_tasks(b, writer=writer, bar=bar, save=save, check=check, clock=clock)
-  state = run_loop(b, state, it, actions, clock)
+  try:
+    state = run_loop(b, state, it, actions, clock)
+  finally:  # stopped or failed too: the loader's worker processes end here
+    it.close()
   finish(b, task, state, clock, save)
   if bar is not None:
     bar.close()
@@ -178,7 +206,8 @@ def build(cfg, task, stage: Stage, stage_dir: str, mesh) -> Built:
 
   # The frozen teacher (students only).
   teacher_model = teacher_vars = None
-  meta = {"stage": stage.name, "config_hash": cfg_hash(cfg), "config": hashed_config(cfg)}
+  meta = {"stage": stage.name, "config_hash": cfg_hash(cfg), "config": hashed_config(cfg),
+          "train_data": task.data_record()}
   if stage.kind == "student":
     teacher_vars, tspec = ckpt_lib.load_model(stage.teacher)
     task.check_teacher(tspec, stage.teacher)
@@ -400,6 +429,7 @@ def finish(b: Built, task, state, clock: Clock, save) -> None:
   stage = b.stage
   spec = dict(task.spec(), stage=stage.name, kind=stage.kind, method=stage.method,
               config_hash=b.meta["config_hash"], config=b.meta["config"],
+              train_data=b.meta["train_data"],
               sizes=list(stage.sizes), compile_seconds=clock.compile_s,
               trained_steps=b.total_steps, resumed_from=clock.start_step,
               variables_hash=state_io.state_hash({"params": state.params,
@@ -486,9 +516,12 @@ def _stage_salt(name: str) -> int:
   return zlib.crc32(name.encode()) % (2 ** 31)
 
 
-def hashed_config(cfg) -> Dict[str, Any]:
+def hashed_config(cfg, paths: bool = False) -> Dict[str, Any]:
   """The config fields that change what is trained (not paths or logging), as JSON values:
-  what `cfg_hash` hashes, and what a stage records to say which fields changed."""
+  what `cfg_hash` hashes, and what a stage records to say which fields changed. Where the data
+  lives (data.data_dir, data.manual_dir) is not hashed: a stage records the identity of the
+  data it read instead (`check_stage_data`). paths=True: the fields hashed before that
+  (`cfg_hashes`)."""
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   d = {k: v for k, v in d.items()
        if k not in ("workdir", "eval", "report", "jax_cache_dir", "distributed", "tune_cpu")}
@@ -496,14 +529,23 @@ def hashed_config(cfg) -> Dict[str, Any]:
   for k in ("log_every", "checkpoint_every", "keep", "nan_policy", "max_bad_steps"):
     d.get("train", {}).pop(k, None)
   d.get("data", {}).pop("prefetch", None)  # how far ahead batches are placed, not which
+  if not paths:
+    for k in ("data_dir", "manual_dir"):
+      d.get("data", {}).pop(k, None)
   return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
-def cfg_hash(cfg) -> str:
+def cfg_hash(cfg, paths: bool = False) -> str:
   """Hash of `hashed_config`."""
   import hashlib
-  return hashlib.sha256(json.dumps(hashed_config(cfg), sort_keys=True, default=str).encode()
-                        ).hexdigest()[:16]
+  return hashlib.sha256(json.dumps(hashed_config(cfg, paths), sort_keys=True, default=str
+                                   ).encode()).hexdigest()[:16]
+
+
+def cfg_hashes(cfg) -> Tuple[str, str]:
+  """The hashes a stage or workdir of this config may record: `cfg_hash`, and the one that
+  also hashed the data paths (workdirs written before the data's identity was recorded)."""
+  return cfg_hash(cfg), cfg_hash(cfg, paths=True)
 
 
 def config_changes(old: Optional[Dict[str, Any]], new: Dict[str, Any], most: int = 4) -> str:
