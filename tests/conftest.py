@@ -134,11 +134,10 @@ def tiny_facerec_run(tmp_path_factory):
 # matters (tests/test_suite.py checks the names).
 LONG_FIRST = [
     "test_rehearse.py",            # three quick rehearsals: 380 s
-    "test_reliability3.py",        # copies of tiny_facerec_run re-run by the CLI: ~540 s
-                                   # (measured on a loaded machine, not a cold-suite total)
     "test_reliability.py",         # `ref_run`, `interrupted`, the CLI cases: 280 s
     "test_multihost.py",           # `runs`: 3 multi-process phases, 270 s
     "test_sharding.py",            # `equiv`: 1 vs 4 devices, 250 s
+    "test_reliability3.py",        # CLI re-runs of tiny_facerec_run copies: 226 s alone
     "test_signals.py",             # 205 s
     "test_detection_task.py",      # 200 s
     "test_main.py",                # tiny_facerec_run: 110 s
