@@ -95,6 +95,17 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.
   return warp(img, similarity_matrix(landmarks, size), size)
 
 
+def model_crop(image: np.ndarray, landmarks: np.ndarray, input_size: int) -> np.ndarray:
+  """The aligned crop at a model's input size: sizes that are not a multiple of 112 are
+  aligned at 112 and resized with PIL's bilinear filter, as the prepared 112 px sets are
+  decoded for such a model (`faces.decode_image`)."""
+  if input_size % 112 == 0:
+    return align_face(image, landmarks, input_size)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  crop = Image.fromarray(align_face(image, landmarks, 112))
+  return np.asarray(crop.resize((input_size, input_size), Image.BILINEAR), dtype=np.uint8)
+
+
 def parse_landmark_line(line: str, path: str, line_no: int, require_score: bool = False
                         ) -> Optional[Landmarks]:
   """Line `line_no` of landmark file `path` (None for a blank or '#' line)."""
@@ -167,5 +178,5 @@ def read_photo(path: str) -> np.ndarray:
 
 
 __all__ = ["ARCFACE_TEMPLATE", "LANDMARK_FORMAT", "LandmarkError", "Landmarks", "template",
-           "similarity_matrix", "warp", "align_face", "parse_landmark_line", "read_landmarks",
+           "similarity_matrix", "warp", "align_face", "model_crop", "parse_landmark_line", "read_landmarks",
            "read_photo"]
