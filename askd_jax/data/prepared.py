@@ -75,8 +75,8 @@ def prepared_identity(*builder_dirs: str, splits: Optional[Sequence[str]] = None
   """A 16-hex-digit content hash of prepared tfds builder directories (`builder.data_dir`),
   in the order given: the names and bytes of their files (features.json and the record
   shards; with `splits`, only those splits' shards), not their paths, and not
-  dataset_info.json (metadata, no records). Reads every byte once per process (about
-  1 GB/s); FileNotFoundError for a directory with no such file."""
+  dataset_info.json (metadata, no records). Reads every byte once per process (300 MB in
+  1.0 s on a shared 2-core x86_64 VM); FileNotFoundError for a directory with no such file."""
   def wanted(n):
     return n != "dataset_info.json" and (splits is None or ".array_record-" not in n
                                          or any(f"-{sp}.array_record-" in n for sp in splits))
