@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 
 FILE = "eval.json"
 FORMAT = 2
+HINT = " (name one with --evaluation=KEY)"
 
 
 def weights_hash(variables) -> str:
@@ -76,28 +77,32 @@ def describe(e: Dict[str, Any]) -> str:
 
 def select(doc: Dict[str, Any], config: Optional[str] = None, dtype: Optional[str] = None,
            name: Optional[str] = None) -> Tuple[Optional[Dict[str, Any]], str]:
-  """(the entry a model's thresholds come from, '' or why there is none).
+  """(the entry a model's thresholds come from, '' or why there is none; '' when the file
+  holds no evaluation at all).
 
   name: an entry's key, the start of one, or a preset; the newest match. Else the newest
-  entry of `config` (the eval_fingerprint of the model's training config) in `dtype`; with
-  no training config known (a converted checkpoint), the newest entry when all of them
-  share one config."""
+  entry in `dtype` (None: any) of `config` (the eval_fingerprint of the model's training
+  config); with no training config known (a converted checkpoint), the newest entry in
+  `dtype` when all of those share one config."""
   evs = doc["evaluations"]
   if not evs:
-    return None, "no evaluation"
+    return None, "" if not name else f"no evaluation named {name!r}; it holds none"
   if name:
     hits = [e for e in evs if e["key"].startswith(name) or e.get("preset") == name]
     if not hits:
       return None, (f"no evaluation named {name!r}; it holds "
                     + "; ".join(describe(e) for e in evs))
     return hits[-1], ""
+  hits = [e for e in evs if dtype in (None, e.get("dtype"))]
   if config is not None:
-    hits = [e for e in evs if e.get("config") == config and dtype in (None, e.get("dtype"))]
+    hits = [e for e in hits if e.get("config") == config]
     if not hits:
-      return None, ("no evaluation under the config it was trained with; it holds "
-                    + "; ".join(describe(e) for e in evs))
-    return hits[-1], ""
-  if len({e.get("config") for e in evs}) > 1:
+      return None, (f"no evaluation in {dtype} under the config it was trained with; it holds "
+                    + "; ".join(describe(e) for e in evs) + HINT)
+  elif len({e.get("config") for e in hits}) > 1:
     return None, ("evaluations under several configs, and no training config to choose "
-                  "by: " + "; ".join(describe(e) for e in evs))
-  return evs[-1], ""
+                  "by: " + "; ".join(describe(e) for e in hits) + HINT)
+  if not hits:
+    return None, (f"no evaluation in {dtype}; it holds "
+                  + "; ".join(describe(e) for e in evs) + HINT)
+  return hits[-1], ""

@@ -137,9 +137,10 @@ def test_replaced_weights_do_not_serve_old_numbers(tiny_facerec_run, tmp_path):
   assert askd_jax.load(d).threshold().value == new["orl_test"]["threshold"]
 
 
-def test_thresholds_come_from_the_training_configs_evaluation(tiny_facerec_run, tmp_path):
+def test_thresholds_come_from_the_training_configs_evaluation(tiny_facerec_run, tmp_path,
+                                                              capsys):
   """The teacher of a run evaluated again under another config (other verification pairs)
-  keeps both evaluations; askd_jax.load (and so tools.verify) takes its threshold from the
+  keeps both evaluations; askd_jax.load and tools.verify take the threshold from the
   evaluation under the config the model was trained with, or from the one named. Failed
   before the fix: the second evaluation replaced eval.json, thresholds included."""
   wd, data, _ = tiny_facerec_run
@@ -157,6 +158,15 @@ def test_thresholds_come_from_the_training_configs_evaluation(tiny_facerec_run, 
   assert named.threshold().value == other["threshold"]
   with pytest.raises(askd_jax.api.ModelError, match="evaluation=nope: .*no evaluation named"):
     askd_jax.load(w / "teacher", evaluation="nope")
+  from PIL import Image
+  from askd_jax.tools import verify
+  faces = [str(tmp_path / f"{i}.png") for i in range(2)]
+  for i, f in enumerate(faces):
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (28, 28, 3), np.uint8)).save(f)
+  for name, want in (([], own), ([f"--evaluation={entries[1]['key']}"], other)):
+    assert verify.main([f"--model={w / 'teacher'}", *faces, *name]) == 0
+    assert (f"(threshold {want['threshold']:.4f} chosen by the verification on orl_test at HR, "
+            f"accuracy {want['accuracy']:.4f})") in capsys.readouterr().out
 
 
 class _DiskFull:

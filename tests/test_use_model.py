@@ -230,8 +230,9 @@ def test_embed_cli_list_file_and_errors(demo, tmp_path, capsys):
 
 def _threshold_fixture(stage_dir, dest, d, size=None):
   """A copy of a trained stage with the eval.json its run wrote (its evaluation's
-  {resolution: {set: {accuracy, std, threshold, ...}}}); the stored threshold must be the deploy threshold of
-  the API's own embeddings of the test pairs (the evaluation and the API agree)."""
+  {resolution: {set: {accuracy, std, threshold, ...}}}); the stored threshold must be the
+  deploy threshold of the API's own embeddings of the test pairs (the evaluation and the API
+  agree)."""
   from askd_jax.evaluate.verification import deploy_threshold
   shutil.copytree(stage_dir, dest)
   model = askd_jax.load(dest)
