@@ -17,7 +17,13 @@ size. A converted official checkpoint consumes BGR; its model.json says so
 
 `size` degrades the image as the A-SKD evaluation does for a student at that resolution
 (nearest down to size x size and back up, then the official blur; the mode and blur of the
-run that trained the model when its workdir's config.json is found).
+run that trained the model when its workdir's config.json is found). The network computes in
+the evaluation's dtype (`experiment.eval_dtype`: float32 unless the config asks otherwise).
+
+Verification thresholds come from the model's eval.json (askd_jax/evalfile.py): the
+evaluation under the config the model was trained with (its workdir's config.json), or the
+one named by `load(path, evaluation=...)` (an entry's key, its start, or a preset). Results
+written for other weights than the directory holds now are never used.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
-EVAL_FILE = "eval.json"
+EVAL_FILE = "eval.json"  # askd_jax.evalfile.FILE
 EXPORT_SUFFIX = ".jaxexport"
 SIDECAR_SUFFIX = ".json"  # model.jaxexport.json: spec, degradation size, evaluation results
 EXPORT_FORMAT = "askd_jax.export/1"
@@ -130,11 +136,12 @@ class FaceModel:
 
   def __init__(self, path: str, spec: Dict[str, Any], batch_fn: Callable, *,
                evaluation: Optional[Dict[str, Any]] = None, fixed_size: Optional[int] = None,
-               batch_size: int = 64, exportable=None):
+               batch_size: int = 64, exportable=None, no_evaluation: str = ""):
     self.path = path
     self.spec = spec
     self.input_size = int(spec["input_size"])
-    self.evaluation = evaluation or {}
+    self.evaluation = evaluation or {}  # {resolution: {set: results}} of one evaluation
+    self._no_evaluation = no_evaluation  # why there is none, for the threshold's error
     self.batch_size = int(batch_size)
     self._batch_fn = batch_fn  # (uint8 (B, S, S, 3), size or None, start index) -> (B, 2D)
     self._fixed_size = fixed_size  # an export has its degradation built in
@@ -225,7 +232,8 @@ class FaceModel:
            f"{self.eval_target}" + (f" --eval_sizes={size}" if size else "") + "` first "
            "(CONFIG: the config the model was trained with, e.g. configs/facerec.py)")
     if not ev:
-      raise ModelError(f"{self.path}: the model has no evaluation ({EVAL_FILE}), so no "
+      why = f": {self._no_evaluation}" if self._no_evaluation else ""
+      raise ModelError(f"{self.path}: the model has no evaluation ({EVAL_FILE}{why}), so no "
                        f"verification threshold; {how}")
     if key not in ev:
       have = ", ".join(f"--size={k}" if k != "HR" else "no --size" for k in ev)
@@ -297,9 +305,18 @@ def _read_json(path: str) -> Dict[str, Any]:
       raise ModelError(f"{path}: not valid JSON ({e}); delete it and evaluate again") from None
 
 
-def _evaluations(path: str) -> Dict[str, Any]:
-  """{resolution: {set: results}} of a stage's eval.json (its '_' keys are bookkeeping)."""
-  return {k: v for k, v in _read_json(path).items() if not k.startswith("_")}
+def _evaluation(path: str, variables, own_cfg, dtype: str, name: Optional[str]):
+  """({resolution: {set: results}} of the model's evaluation, '' or why there is none):
+  `name`'s, else the one under its training config `own_cfg` (None: unknown) in `dtype`;
+  never one written for other weights."""
+  from askd_jax import evalfile
+  from askd_jax.experiment import eval_fingerprint
+  doc = evalfile.read(os.path.join(path, evalfile.FILE), evalfile.weights_hash(variables))
+  config = None if own_cfg is None else eval_fingerprint(own_cfg)
+  entry, why = evalfile.select(doc, config, dtype, name)
+  if entry is None and name:
+    raise ModelError(f"evaluation={name}: {path}: {why}")
+  return (entry["results"], "") if entry else ({}, why)
 
 
 def _missing(path: str) -> ModelError:
@@ -309,9 +326,12 @@ def _missing(path: str) -> ModelError:
                     "askd_jax.tools.export`")
 
 
-def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
+def load(path: Union[str, os.PathLike], batch_size: int = 64,
+         evaluation: Optional[str] = None) -> FaceModel:
   """A FaceModel from a training stage directory, a converted checkpoint directory or an
-  exported .jaxexport file. Errors (ModelError, one line) name the path and the fix."""
+  exported .jaxexport file. `evaluation`: whose thresholds to use when eval.json holds
+  several (an entry's key, its start, or a preset; default: the training config's). Errors
+  (ModelError, one line) name the path and the fix."""
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
     return _load_export(path, batch_size)
@@ -337,9 +357,12 @@ def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
   import jax
   import jax.numpy as jnp
   from askd_jax.tasks import get_task
-  cfg = _default_cfg(int(spec["input_size"]), _workdir_config(path))
+  from askd_jax.experiment import eval_dtype
+  own = _workdir_config(path)
+  cfg = _default_cfg(int(spec["input_size"]), own)
   task = get_task(cfg)
-  model = task.model(dtype=jnp.dtype(cfg.get("dtype", "float32")), spec=spec)
+  dtype = eval_dtype(cfg)
+  model = task.model(dtype=jnp.dtype(dtype), spec=spec)
   fns: Dict[Optional[int], Callable] = {}
   key = jax.random.key(0)
 
@@ -357,9 +380,9 @@ def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
 
   from askd_jax.train.checkpoint import params_hash  # identifies the model of a gallery
   spec = dict(spec, params_hash=params_hash(variables["params"]), _source_dir=path)
-  return FaceModel(path, spec, batch_fn,
-                   evaluation=_evaluations(os.path.join(path, EVAL_FILE)),
-                   batch_size=batch_size, exportable=exportable)
+  results, why = _evaluation(path, variables, own, dtype, evaluation)
+  return FaceModel(path, spec, batch_fn, evaluation=results, batch_size=batch_size,
+                   exportable=exportable, no_evaluation=why)
 
 
 def _load_export(path: str, batch_size: int) -> FaceModel:

@@ -82,6 +82,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
+  c.eval.dtype = "float32"         # whatever config.dtype ("train": in config.dtype)
   return c
 
 

@@ -102,10 +102,29 @@ class FaceRecTask(Task):
       return self._eval_sets
     return self.data
 
+  def eval_data_identity(self) -> str:
+    """`prepared_identity` of the prepared sets the evaluation reads (ORL's demo build, or
+    the verification sets and TinyFace), whatever data_dir holds them."""
+    from askd_jax.data.prepared import prepared_identity
+    dcfg = self.cfg.data
+    if dcfg.name == "orl":
+      from askd_jax.data import orl
+      return prepared_identity(orl.prepare(dcfg.get("data_dir") or None, dcfg.image_size).data_dir)
+    from askd_jax.data import faces
+    data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
+    sources = [(n, "test") for n in _verification_names(dcfg)]
+    sources += [("tinyface", sp) for sp in ("probe", "gallery")] if dcfg.get("tinyface") else []
+    dirs = [faces.data_source(n, sp, data_dir).dataset_info.data_dir for n, sp in sources]
+    return prepared_identity(*dict.fromkeys(dirs), splits={sp for _, sp in sources})
+
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
     """Per set {'accuracy', 'std'} (10-fold, official) and, for verification sets, the
-    'threshold' of `verification.deploy_threshold` and 'tar_far1e-2'; TinyFace rank-k as tinyface_rankK."""
+    'threshold' of `verification.deploy_threshold` and 'tar_far1e-2'; TinyFace rank-k as
+    tinyface_rankK. One resolution: `sizes` is () (HR) or one LR size."""
     from askd_jax.evaluate import identification, verification
+    if len(sizes) > 1:
+      raise ValueError(f"sizes={tuple(sizes)}: evaluate one size at a time "
+                       "(experiment.one_size_each)")
     data = self.eval_data()
     batch = self.cfg.eval.get("batch_size", 64)
     results = {}
@@ -179,15 +198,19 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
           **_load_eval_sets(dcfg)}
 
 
+def _verification_names(dcfg):
+  names = dcfg.get("verification", ())
+  names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
+  return [n.strip() for v in names for n in str(v).split(",") if n.strip()]
+
+
 def _load_eval_sets(dcfg) -> Dict[str, Any]:
   """{'verification': [pair sets], optional 'tinyface': {'probe', 'gallery'}} (prepared)."""
   from askd_jax.data import faces
   data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
   size = dcfg.image_size
   ver = []
-  names = dcfg.get("verification", ())
-  names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
-  for name in [n.strip() for v in names for n in str(v).split(",") if n.strip()]:
+  for name in _verification_names(dcfg):
     d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size)
     n = len(d["is_same"])
     images = np.empty((2 * n,) + d["image1"].shape[1:], np.uint8)
