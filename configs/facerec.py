@@ -120,9 +120,11 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   elif preset == "casia":
     c.data.name = "insightface"
     c.data.dataset = "casia"
+    c.data.jpeg_roundtrip = True   # as the official export: .rec/.bin -> cv2.imwrite jpg -> imread
   elif preset == "tinyface":
     c.data.name = "insightface"
     c.data.dataset = "casia"
+    c.data.jpeg_roundtrip = True   # the CASIA training images (TinyFace's own files never)
     c.data.tinyface = True         # also rank-1/5/10/20 identification on prepared TinyFace
     c.data.verification = ()
     c.student.sizes = (24,)
