@@ -139,16 +139,23 @@ class FaceRecTask(Task):
                              "tar_far1e-2": verification.tar_at_far(e1, e2, vs["issame"], 1e-2),
                              "seconds": time.time() - t}
     if "tinyface" in data:
-      # Native low-resolution images, never degraded whatever the student's size
-      # (official test_tinyface.py); flip-averaged, L2-normalised, gallery with distractors.
       tf = data["tinyface"]
-      emb = {sp: identification.flip_average(
-          self.embeddings(model, variables, d["image"], (), batch=batch)) for sp, d in tf.items()}
+      emb = self.tinyface_embeddings(model, variables, batch)
       r = identification.rank_k(emb["probe"], tf["probe"]["label"], emb["gallery"],
                                 tf["gallery"]["label"])
       for k, v in r.items():
         results[f"tinyface_{k}"] = {"accuracy": float(v), "std": None}
     return results
+
+
+  def tinyface_embeddings(self, model, variables, batch: int = 64) -> Dict[str, np.ndarray]:
+    """{'probe', 'gallery'}: (N, D) embeddings `evaluate` ranks (rank_k L2-normalises them).
+    Native low-resolution images, never degraded whatever the student's size (official
+    test_tinyface.py); (f(x) + f(flip x)) / 2."""
+    from askd_jax.evaluate import identification
+    return {sp: identification.flip_average(self.embeddings(model, variables, d["image"], (),
+                                                            batch=batch))
+            for sp, d in self.eval_data()["tinyface"].items()}
 
 
 def load_face_data(dcfg) -> Dict[str, Any]:
@@ -165,14 +172,14 @@ def load_face_data(dcfg) -> Dict[str, Any]:
   return _load_real_face_data(dcfg)
 
 
-def _decode_all(source, keys, size):
+def _decode_all(source, keys, size, jpeg_roundtrip=False):
   from askd_jax.data.faces import decode_image
   out = {k: [] for k in keys}
   rest = {}
   for i in range(len(source)):
     r = source[i]
     for k in keys:
-      out[k].append(decode_image(r[k], size, f"record {i} [{k}]"))
+      out[k].append(decode_image(r[k], size, f"record {i} [{k}]", jpeg_roundtrip))
     for k, v in r.items():
       if k not in keys:
         rest.setdefault(k, []).append(v)
@@ -194,7 +201,9 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
     raise ValueError(f"{b.data_dir}: the prepared set records no num_classes; prepare it again "
                      "with python -m askd_jax.data.prepare")
   return {"train": train, "num_classes": num_classes,
-          "train_transforms": faces.decode_transforms(size, dcfg.get("on_corrupt", "error")),
+          "train_transforms": faces.decode_transforms(
+              size, dcfg.get("on_corrupt", "error"),
+              jpeg_roundtrip=dcfg.get("jpeg_roundtrip", False)),
           **_load_eval_sets(dcfg)}
 
 
@@ -211,7 +220,8 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
   size = dcfg.image_size
   ver = []
   for name in _verification_names(dcfg):
-    d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size)
+    d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size,
+                    dcfg.get("jpeg_roundtrip", False))  # official: .bin -> imwrite -> imread
     n = len(d["is_same"])
     images = np.empty((2 * n,) + d["image1"].shape[1:], np.uint8)
     images[0::2], images[1::2] = d["image1"], d["image2"]
@@ -221,7 +231,9 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
   out = {"verification": ver}
   if dcfg.get("tinyface"):
     # Decoded at the model's input size: AdaFace's aligned TinyFace is already 112x112, so
-    # at the paper's size this is no resize (and never a student degradation).
+    # at the paper's size this is no resize (and never a student degradation). Never JPEG
+    # round-tripped: the official test reads TinyFace's own files (data.jpeg_roundtrip is
+    # for the .rec / .bin sets the official export re-encodes).
     out["tinyface"] = {sp: _decode_all(faces.data_source("tinyface", sp, data_dir), ("image",),
                                        size) for sp in ("probe", "gallery")}
   return out
