@@ -130,7 +130,7 @@ class FaceModel:
 
   def __init__(self, path: str, spec: Dict[str, Any], batch_fn: Callable, *,
                evaluation: Optional[Dict[str, Any]] = None, fixed_size: Optional[int] = None,
-               batch_size: int = 64, exportable=None):
+               batch_size: int = 64, exportable=None, traceable=None):
     self.path = path
     self.spec = spec
     self.input_size = int(spec["input_size"])
@@ -139,6 +139,7 @@ class FaceModel:
     self._batch_fn = batch_fn  # (uint8 (B, S, S, 3), size or None, start index) -> (B, 2D)
     self._fixed_size = fixed_size  # an export has its degradation built in
     self._exportable = exportable  # (size) -> (fn of uint8 images, description); in-project only
+    self._traceable = traceable  # (size, flip) -> fn for converters (tools/onnx_export.py)
 
   def __repr__(self) -> str:
     return (f"FaceModel({self.path!r}, input {self.input_size}x{self.input_size}, "
@@ -305,15 +306,18 @@ def _evaluations(path: str) -> Dict[str, Any]:
 def _missing(path: str) -> ModelError:
   return ModelError(f"{path}: no such model; give a stage directory of a run (e.g. "
                     "workdir/facerec_demo/teacher), a directory written by `python -m "
-                    "askd_jax.tools.convert`, or a .jaxexport file written by `python -m "
-                    "askd_jax.tools.export`")
+                    "askd_jax.tools.convert`, or a .jaxexport or .onnx file written by "
+                    "`python -m askd_jax.tools.export`")
 
 
 def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
-  """A FaceModel from a training stage directory, a converted checkpoint directory or an
-  exported .jaxexport file. Errors (ModelError, one line) name the path and the fix."""
+  """A FaceModel from a training stage directory, a converted checkpoint directory, an
+  exported .jaxexport file or an exported .onnx file (run by onnxruntime). Errors (ModelError, one line) name the path and the fix."""
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
+    if path.lower().endswith(".onnx"):
+      from askd_jax.tools import onnx_export
+      return onnx_export.load(path, batch_size)
     return _load_export(path, batch_size)
   if not os.path.isdir(path):
     raise _missing(path)
@@ -355,11 +359,32 @@ def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
     fn = embed_fn(size)
     return lambda images: fn(variables, images, jax.random.key(0))
 
+  def traceable(size, flip):
+    """float32 (B, S, S, 3) in [-1, 1], in the network's own channel order (no reversal) ->
+    concat(emb(D(x)), emb(D(flip x))) (flip) or emb(D(x)), D the degradation to `size` (if
+    any): the embedding of embed_fn with the plain-op formulation (any platform but "cpu"
+    selects it; askd_jax/ops), unjitted, for a converter to trace."""
+    from askd_jax.data import degrade as degrade_lib
+    from askd_jax.evaluate.verification import flip_concat_embed
+    from askd_jax.train.loop import student_degrade_cfg
+    net = task.model(dtype=jnp.float32, spec=dict(spec, channel_order="rgb"), platform="export")
+    deg = None
+    if size:
+      d = degrade_lib.make_degrade(student_degrade_cfg(cfg.student, (size,)))
+      deg = lambda x: d(x, jax.random.key(0))
+
+    def embed(x):
+      (out, _), _ = task.forward(net, variables, x, {}, train=False)
+      return out["embedding"].astype(jnp.float32)
+    if flip:
+      return lambda x: flip_concat_embed(embed, x, deg)
+    return lambda x: embed(x if deg is None else deg(x))
+
   from askd_jax.train.checkpoint import params_hash  # identifies the model of a gallery
   spec = dict(spec, params_hash=params_hash(variables["params"]), _source_dir=path)
   return FaceModel(path, spec, batch_fn,
                    evaluation=_evaluations(os.path.join(path, EVAL_FILE)),
-                   batch_size=batch_size, exportable=exportable)
+                   batch_size=batch_size, exportable=exportable, traceable=traceable)
 
 
 def _load_export(path: str, batch_size: int) -> FaceModel:
