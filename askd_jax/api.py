@@ -33,6 +33,9 @@ EVAL_FILE = "eval.json"
 EXPORT_SUFFIX = ".jaxexport"
 SIDECAR_SUFFIX = ".json"  # model.jaxexport.json: spec, degradation size, evaluation results
 EXPORT_FORMAT = "askd_jax.export/1"
+ONNX_FORMAT = "askd_jax.onnx/1"  # an .onnx file's metadata_props 'format' (tools/onnx_export.py)
+ONNX_MEAN = 127.5  # its input: (x - 127.5) / 127.5, as insightface's ArcFace ONNX models
+DEPLOY_EXTRAS = "pip install -r requirements-deploy.txt (jax2onnx, onnx, onnxruntime)"
 ALIGN_HINT = ("align each face to the 5-point ArcFace template (e.g. insightface "
               "face_align.norm_crop, 112x112) and resize the crop to {s}x{s}")
 
@@ -316,8 +319,7 @@ def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
     if path.lower().endswith(".onnx"):
-      from askd_jax.tools import onnx_export
-      return onnx_export.load(path, batch_size)
+      return _load_onnx(path, batch_size)
     return _load_export(path, batch_size)
   if not os.path.isdir(path):
     raise _missing(path)
@@ -408,6 +410,64 @@ def _load_export(path: str, batch_size: int) -> FaceModel:
   call = jax.jit(exp.call)
   return FaceModel(path, spec, lambda images, size, start: call(images),
                    evaluation=meta.get("evaluation"), fixed_size=meta.get("size") or None,
+                   batch_size=batch_size)
+
+
+def require_deploy(modules: Sequence[str], what: str) -> None:
+  """ModelError naming the extras to install when one of `modules` does not import."""
+  import importlib
+  missing = []
+  for m in modules:
+    try:
+      importlib.import_module(m)
+    except ImportError:
+      missing.append(m)
+  if missing:
+    raise ModelError(f"{what} needs {', '.join(missing)}, which is not installed; "
+                     f"{DEPLOY_EXTRAS}")
+
+
+def _load_onnx(path: str, batch_size: int) -> FaceModel:
+  """A FaceModel running an exported .onnx file through onnxruntime (CPU). Its `embed` takes
+  RGB uint8 crops as every FaceModel does: the channels are put in the file's order and
+  normalised here, and a plain export is run on the image and its flip, so that the
+  embeddings are flip_concat ones, as the evaluation and its threshold need."""
+  require_deploy(("onnxruntime",), f"{path}: running an .onnx model")
+  import onnxruntime as ort
+  so = ort.SessionOptions()
+  so.log_severity_level = 3  # errors only: not its notes on constants it leaves unfolded
+  try:
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+  except Exception as e:  # onnxruntime raises its own exception types
+    msg = str(e).splitlines()[0][:160] if str(e) else ""
+    raise ModelError(f"{path}: not an ONNX model onnxruntime can run ({type(e).__name__}: "
+                     f"{msg}); give a file written by `python -m askd_jax.tools.export "
+                     "--format=onnx`") from None
+  meta = sess.get_modelmeta().custom_metadata_map
+  if meta.get("format") != ONNX_FORMAT:
+    raise ModelError(f"{path}: an ONNX model without askd_jax's metadata (format "
+                     f"{meta.get('format')!r}); give a file written by `python -m "
+                     "askd_jax.tools.export --format=onnx`")
+  spec = dict(json.loads(meta["spec"]))
+  bgr = meta["channel_order"] == "bgr"
+  flip_concat = meta["embedding"] == "flip_concat"
+  name = sess.get_inputs()[0].name
+  dim = int(meta["embedding_size"])
+  spec["input_size"] = int(meta["input_size"])
+  spec["embedding_dim"] = dim // 2 if flip_concat else dim
+  spec["_source_dir"] = meta.get("source", path)
+
+  def run(images):  # uint8 (B, S, S, 3) RGB -> the file's output
+    x = images[..., ::-1] if bgr else images
+    x = ((x.astype(np.float32) - ONNX_MEAN) / ONNX_MEAN).transpose(0, 3, 1, 2)
+    if flip_concat:
+      return sess.run(None, {name: x})[0]
+    both = sess.run(None, {name: np.concatenate([x, x[..., ::-1]])})[0]
+    return np.concatenate([both[:len(x)], both[len(x):]], axis=-1)
+
+  size = int(meta.get("degradation_size", "0")) or None
+  return FaceModel(path, spec, lambda images, size, start: run(images),
+                   evaluation=json.loads(meta.get("evaluation", "{}")), fixed_size=size,
                    batch_size=batch_size)
 
 

@@ -1,7 +1,7 @@
-"""ONNX export of a face model, and the `.onnx` loader behind `askd_jax.load`.
+"""ONNX export of a face model (`askd_jax.load` runs the file: api.py's `_load_onnx`).
 
     python -m askd_jax.tools.export --model=DIR --format=onnx --out=model.onnx
-        [--embedding=flip_concat|plain] [--size=14] [--opset=18]
+        [--embedding=flip_concat|plain] [--size=14] [--opset=18] [--fold_bn]
 
 The file is what insightface's ArcFace ONNX models are: one input `images`, float32
 (batch, 3, S, S) NCHW with a dynamic batch dimension, pixels normalised as
@@ -22,50 +22,38 @@ Converter: jax2onnx (github.com/enpasos/jax2onnx), pinned in requirements-deploy
 converts the jaxpr of the very function the evaluation runs (the task's forward pass in eval
 mode and `verification.flip_concat_embed`), so there is no second model definition to keep in
 step, and it needs only small pure-Python packages beside onnx. The alternatives: jax2tf +
-tf2onnx needs TensorFlow (~600 MB, against the deploy and test extras' size) and converts
+tf2onnx needs TensorFlow (hundreds of MB, too heavy for the deploy and test extras) and converts
 through a second graph IR; writing the ONNX graph by hand from the Flax parameters would be a
 second implementation of iResNet-CBAM to keep in step with the JAX one. jax2onnx 0.13.0 is
 used because it is the newest release whose requirements resolve with this project's
 orbax-checkpoint==0.12.8 (0.13.1 to 0.17.1 require orbax-checkpoint<0.11.37; 0.17.1 also
 converts the model when installed with --no-deps beside onnx-ir). The graph is traced with
 the plain-op formulation of the model (`cpu_ops=False`, askd_jax/ops: the XLA:CPU forms
-compute the same values with ops that only pay off on XLA:CPU). No BatchNorm folding is done
-here: onnxruntime folds constants and fuses at session start (measured in docs/deploy.md).
+compute the same values with ops that only pay off on XLA:CPU). The converted graph keeps
+each eval-mode BatchNorm as arithmetic on constants ((x - mean) / sqrt(var + eps) * scale +
+bias); `--fold_bn` writes instead what onnxruntime's basic graph optimisations make of it
+(constant folding, BatchNorm/Mul/Add fused into the convolutions and matmuls: standard ONNX
+ops only, provider-independent; ~1150 -> ~460 nodes on the demo model), which onnxruntime
+would otherwise do at every session start.
 Opsets 18..23: jax2onnx writes ReduceMean/ReduceMax with `axes` as an input (opset 18), and
 23 is the newest that jax2onnx 0.13 and onnxruntime 1.32 both know.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import json
 import os
 from typing import Any, Dict, Optional
 
-import numpy as np
-
 from askd_jax import api
 
-FORMAT = "askd_jax.onnx/1"
+FORMAT = api.ONNX_FORMAT
 OPSETS = (18, 23)
 DEFAULT_OPSET = 18
 EMBEDDINGS = ("flip_concat", "plain")
-MEAN = STD = 127.5
-EXTRAS = "pip install -r requirements-deploy.txt"
-
-
-def require(modules, what: str) -> None:
-  """ModelError naming the extras to install when one of `modules` does not import."""
-  missing = []
-  for m in modules:
-    try:
-      importlib.import_module(m)
-    except ImportError:
-      missing.append(m)
-  if missing:
-    raise api.ModelError(f"{what} needs {', '.join(missing)}, which is not installed; "
-                         f"{EXTRAS} (jax2onnx, onnx, onnxruntime)")
+MEAN = STD = api.ONNX_MEAN
+require = api.require_deploy
 
 
 def training_resolution(spec: Dict[str, Any]) -> str:
@@ -134,8 +122,19 @@ def check_options(embedding: str, opset: int) -> None:
   require(("jax2onnx", "onnx"), "--format=onnx")
 
 
+def fold(proto, path: str) -> None:
+  """Write `proto` to `path` as onnxruntime's basic graph optimisations leave it."""
+  import onnxruntime as ort
+  so = ort.SessionOptions()
+  so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+  so.log_severity_level = 3  # errors only: not its notes on constants it leaves unfolded
+  so.optimized_model_filepath = path
+  ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def export(model: api.FaceModel, out: str, *, embedding: str = "flip_concat",
-           size: Optional[int] = None, opset: int = DEFAULT_OPSET) -> Dict[str, Any]:
+           size: Optional[int] = None, opset: int = DEFAULT_OPSET,
+           fold_bn: bool = False) -> Dict[str, Any]:
   """Convert `model` (loaded from a model directory) and write `out` atomically; returns
   {'bytes', 'out_dim', 'metadata'}."""
   if model._traceable is None:
@@ -157,62 +156,32 @@ def export(model: api.FaceModel, out: str, *, embedding: str = "flip_concat",
   def graph(images):  # float32 (batch, 3, S, S), normalised, the network's channel order
     return fn(jnp.transpose(images, (0, 2, 3, 1)))
 
-  with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13 prints debug lines
-    proto = to_onnx(graph, [("batch", 3, s, s)], model_name="askd_jax_face", opset=opset,
-                    input_names=["images"], output_names=["embedding"])
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):  # jax2onnx 0.13 prints debug lines
+      proto = to_onnx(graph, [("batch", 3, s, s)], model_name="askd_jax_face", opset=opset,
+                      input_names=["images"], output_names=["embedding"])
+  except Exception as e:  # a primitive or shape jax2onnx does not handle: say which
+    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    raise api.ModelError(f"{model.path}: jax2onnx could not convert the model "
+                         f"({type(e).__name__}: {msg}); export --format=jax instead") from e
   out_dim = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
   meta = metadata(model, embedding, size, out_dim, opset)
+  meta["bn_folded"] = str(bool(fold_bn)).lower()
   onnx.helper.set_model_props(proto, meta)
   proto.doc_string = meta["input"] + " -> " + meta["output"]
   onnx.checker.check_model(proto, full_check=True)
-  data = proto.SerializeToString()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out + ".tmp", "wb") as f:
-    f.write(data)
+  if fold_bn:
+    require(("onnxruntime",), "--fold_bn")
+    fold(proto, out + ".tmp")
+    proto = onnx.load(out + ".tmp")
+    onnx.checker.check_model(proto, full_check=True)
+  else:
+    with open(out + ".tmp", "wb") as f:
+      f.write(proto.SerializeToString())
   os.replace(out + ".tmp", out)
-  return {"bytes": len(data), "out_dim": out_dim, "metadata": meta}
-
-
-def load(path: str, batch_size: int = 64) -> api.FaceModel:
-  """A FaceModel running an exported .onnx file through onnxruntime (CPU). Its `embed` takes
-  RGB uint8 crops as every FaceModel does: the channels are put in the file's order and
-  normalised here, and a plain export is run on the image and its flip, so that the
-  embeddings are flip_concat ones, as the evaluation and its threshold need."""
-  require(("onnxruntime",), f"{path}: running an .onnx model")
-  import onnxruntime as ort
-  try:
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-  except Exception as e:  # onnxruntime raises its own exception types
-    msg = str(e).splitlines()[0][:160] if str(e) else ""
-    raise api.ModelError(f"{path}: not an ONNX model onnxruntime can run ({type(e).__name__}: "
-                         f"{msg}); give a file written by `python -m askd_jax.tools.export "
-                         "--format=onnx`") from None
-  meta = sess.get_modelmeta().custom_metadata_map
-  if meta.get("format") != FORMAT:
-    raise api.ModelError(f"{path}: an ONNX model without askd_jax's metadata (format "
-                         f"{meta.get('format')!r}); give a file written by `python -m "
-                         "askd_jax.tools.export --format=onnx`")
-  spec = dict(json.loads(meta["spec"]))
-  bgr = meta["channel_order"] == "bgr"
-  flip_concat = meta["embedding"] == "flip_concat"
-  name = sess.get_inputs()[0].name
-  dim = int(meta["embedding_size"])
-  spec["input_size"] = int(meta["input_size"])
-  spec["embedding_dim"] = dim // 2 if flip_concat else dim
-  spec["_source_dir"] = meta.get("source", path)
-
-  def run(images):  # uint8 (B, S, S, 3) RGB -> the file's output
-    x = images[..., ::-1] if bgr else images
-    x = ((x.astype(np.float32) - MEAN) / STD).transpose(0, 3, 1, 2)
-    if flip_concat:
-      return sess.run(None, {name: x})[0]
-    both = sess.run(None, {name: np.concatenate([x, x[..., ::-1]])})[0]
-    return np.concatenate([both[:len(x)], both[len(x):]], axis=-1)
-
-  size = int(meta.get("degradation_size", "0")) or None
-  return api.FaceModel(path, spec, lambda images, size, start: run(images),
-                       evaluation=json.loads(meta.get("evaluation", "{}")), fixed_size=size,
-                       batch_size=batch_size)
+  return {"bytes": os.path.getsize(out), "out_dim": out_dim, "metadata": meta,
+          "nodes": len(proto.graph.node)}
 
 
 def run_cli(args) -> int:
@@ -225,10 +194,11 @@ def run_cli(args) -> int:
   check_options(args.embedding, args.opset)  # before the (slow) load
   model = api.load(args.model)
   r = export(model, args.out, embedding=args.embedding, size=args.size or None,
-             opset=args.opset)
+             opset=args.opset, fold_bn=args.fold_bn)
   m = r["metadata"]
   s = model.input_size
-  print(f"wrote {args.out} ({r['bytes'] / 2**20:.1f} MiB, opset {args.opset}): float32 "
+  print(f"wrote {args.out} ({r['bytes'] / 2**20:.1f} MiB, opset {args.opset}, {r['nodes']} "
+        f"nodes{', BatchNorm folded' if args.fold_bn else ''}): float32 "
         f"(batch, 3, {s}, {s}) NCHW {m['channel_order'].upper()}, (x - {MEAN}) / {STD} -> "
         f"float32 (batch, {r['out_dim']}) {args.embedding}"
         + (f", degraded to {args.size} px" if args.size else "")
