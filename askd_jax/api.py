@@ -3,6 +3,7 @@
     import askd_jax
     model = askd_jax.load("workdir/facerec_demo/teacher")  # or a student stage, a directory
                                                            # written by tools.convert, a .jaxexport
+                                                           # or .onnx file (tools.export)
     emb = model.embed(["a.png", "b.png"])                  # (2, 2 * D) float32
     model.similarity(emb[0], emb[1])                       # cosine
     model.embed(images, size=14)       # degraded as for a student evaluated at 14 px
@@ -315,7 +316,8 @@ def _missing(path: str) -> ModelError:
 
 def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
   """A FaceModel from a training stage directory, a converted checkpoint directory, an
-  exported .jaxexport file or an exported .onnx file (run by onnxruntime). Errors (ModelError, one line) name the path and the fix."""
+  exported .jaxexport file or an exported .onnx file (run by onnxruntime). Errors
+  (ModelError, one line) name the path and the fix."""
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
     if path.lower().endswith(".onnx"):

@@ -83,8 +83,8 @@ def _check_batches(out, name, want):
 
 def test_demo_model_onnx(tiny_facerec_run, tmp_path, capsys):
   """The demo's teacher (flip-concat, plain, and with BatchNorm folded) and its 7 px A-SKD
-  student (the degradation built in) through onnxruntime: the JAX embeddings, the metadata, and the verification
-  accuracy of eval.json on the same pairs; askd_jax.load and the verify tool run the files.
+  student (the degradation built in) through onnxruntime: the JAX embeddings, the metadata,
+  and the verification accuracy of eval.json on the same pairs; askd_jax.load and the verify tool run the files.
   Pins the CBAM channel MLP's stacked form (models/cbam.py): with its former concat on the
   batch axis and slices at B, this test failed (seen once: "jax2onnx could not convert the
   model (TypeError: add got incompatible shapes for broadcasting: (batch, 8), (0, 8))")."""

@@ -1,5 +1,6 @@
 """Export a face model as one portable file: StableHLO with its parameters, via jax.export,
-or an ONNX model (--format=onnx, for onnxruntime, TensorRT, OpenVINO: tools/onnx_export.py).
+or an ONNX model (--format=onnx: onnxruntime and the runtimes that start from ONNX;
+tools/onnx_export.py).
 
     python -m askd_jax.tools.export --model=DIR --out=model.jaxexport [--size=14]
         [--platforms=cpu,cuda] [--overwrite]
