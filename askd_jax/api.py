@@ -3,6 +3,7 @@
     import askd_jax
     model = askd_jax.load("workdir/facerec_demo/teacher")  # or a student stage, a directory
                                                            # written by tools.convert, a .jaxexport
+                                                           # or .onnx file (tools.export)
     emb = model.embed(["a.png", "b.png"])                  # (2, 2 * D) float32
     model.similarity(emb[0], emb[1])                       # cosine
     model.embed(images, size=14)       # degraded as for a student evaluated at 14 px
@@ -39,6 +40,9 @@ EVAL_FILE = "eval.json"  # askd_jax.evalfile.FILE
 EXPORT_SUFFIX = ".jaxexport"
 SIDECAR_SUFFIX = ".json"  # model.jaxexport.json: spec, degradation size, evaluation results
 EXPORT_FORMAT = "askd_jax.export/1"
+ONNX_FORMAT = "askd_jax.onnx/1"  # an .onnx file's metadata_props 'format' (tools/onnx_export.py)
+ONNX_MEAN = 127.5  # its input: (x - 127.5) / 127.5, as insightface's ArcFace ONNX models
+DEPLOY_EXTRAS = "pip install -r requirements-deploy.txt (jax2onnx, onnx, onnxruntime)"
 ALIGN_HINT = ("align each face to the 5-point ArcFace template (e.g. insightface "
               "face_align.norm_crop, 112x112) and resize the crop to {s}x{s}")
 
@@ -136,7 +140,8 @@ class FaceModel:
 
   def __init__(self, path: str, spec: Dict[str, Any], batch_fn: Callable, *,
                evaluation: Optional[Dict[str, Any]] = None, fixed_size: Optional[int] = None,
-               batch_size: int = 64, exportable=None, no_evaluation: str = ""):
+               batch_size: int = 64, exportable=None, no_evaluation: str = "",
+               traceable=None):
     self.path = path
     self.spec = spec
     self.input_size = int(spec["input_size"])
@@ -146,6 +151,7 @@ class FaceModel:
     self._batch_fn = batch_fn  # (uint8 (B, S, S, 3), size or None, start index) -> (B, 2D)
     self._fixed_size = fixed_size  # an export has its degradation built in
     self._exportable = exportable  # (size) -> (fn of uint8 images, description); in-project only
+    self._traceable = traceable  # (size, flip) -> fn for converters (tools/onnx_export.py)
 
   def __repr__(self) -> str:
     return (f"FaceModel({self.path!r}, input {self.input_size}x{self.input_size}, "
@@ -322,18 +328,21 @@ def _evaluation(path: str, variables, own_cfg, dtype: str, name: Optional[str]):
 def _missing(path: str) -> ModelError:
   return ModelError(f"{path}: no such model; give a stage directory of a run (e.g. "
                     "workdir/facerec_demo/teacher), a directory written by `python -m "
-                    "askd_jax.tools.convert`, or a .jaxexport file written by `python -m "
-                    "askd_jax.tools.export`")
+                    "askd_jax.tools.convert`, or a .jaxexport or .onnx file written by "
+                    "`python -m askd_jax.tools.export`")
 
 
 def load(path: Union[str, os.PathLike], batch_size: int = 64,
          evaluation: Optional[str] = None) -> FaceModel:
-  """A FaceModel from a training stage directory, a converted checkpoint directory or an
-  exported .jaxexport file. `evaluation`: whose thresholds to use when eval.json holds
-  several (an entry's key, its start, or a preset; default: the training config's). Errors
+  """A FaceModel from a training stage directory, a converted checkpoint directory, an
+  exported .jaxexport file or an exported .onnx file (run by onnxruntime). `evaluation`:
+  whose thresholds to use when eval.json holds several (an entry's key, its start, or a
+  preset; default: the training config's). Errors
   (ModelError, one line) name the path and the fix."""
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
+    if path.lower().endswith(".onnx"):
+      return _load_onnx(path, batch_size)
     return _load_export(path, batch_size)
   if not os.path.isdir(path):
     raise _missing(path)
@@ -378,11 +387,33 @@ def load(path: Union[str, os.PathLike], batch_size: int = 64,
     fn = embed_fn(size)
     return lambda images: fn(variables, images, jax.random.key(0))
 
+  def traceable(size, flip):
+    """float32 (B, S, S, 3) in [-1, 1], in the network's own channel order (no reversal) ->
+    concat(emb(D(x)), emb(D(flip x))) (flip) or emb(D(x)), D the degradation to `size` (if
+    any): the embedding of embed_fn with the plain-op formulation (any platform but "cpu"
+    selects it; askd_jax/ops), unjitted, for a converter to trace."""
+    from askd_jax.data import degrade as degrade_lib
+    from askd_jax.evaluate.verification import flip_concat_embed
+    from askd_jax.train.loop import student_degrade_cfg
+    net = task.model(dtype=jnp.float32, spec=dict(spec, channel_order="rgb"), platform="export")
+    deg = None
+    if size:
+      d = degrade_lib.make_degrade(student_degrade_cfg(cfg.student, (size,)))
+      deg = lambda x: d(x, jax.random.key(0))
+
+    def embed(x):
+      (out, _), _ = task.forward(net, variables, x, {}, train=False)
+      return out["embedding"].astype(jnp.float32)
+    if flip:
+      return lambda x: flip_concat_embed(embed, x, deg)
+    return lambda x: embed(x if deg is None else deg(x))
+
   from askd_jax.train.checkpoint import params_hash  # identifies the model of a gallery
   spec = dict(spec, params_hash=params_hash(variables["params"]), _source_dir=path)
   results, why = _evaluation(path, variables, own, dtype, evaluation)
   return FaceModel(path, spec, batch_fn, evaluation=results, batch_size=batch_size,
-                   exportable=exportable, no_evaluation=why)
+                   exportable=exportable, no_evaluation=why,
+                   traceable=traceable)
 
 
 def _load_export(path: str, batch_size: int) -> FaceModel:
@@ -406,6 +437,64 @@ def _load_export(path: str, batch_size: int) -> FaceModel:
   call = jax.jit(exp.call)
   return FaceModel(path, spec, lambda images, size, start: call(images),
                    evaluation=meta.get("evaluation"), fixed_size=meta.get("size") or None,
+                   batch_size=batch_size)
+
+
+def require_deploy(modules: Sequence[str], what: str) -> None:
+  """ModelError naming the extras to install when one of `modules` does not import."""
+  import importlib
+  missing = []
+  for m in modules:
+    try:
+      importlib.import_module(m)
+    except ImportError:
+      missing.append(m)
+  if missing:
+    raise ModelError(f"{what} needs {', '.join(missing)}, which is not installed; "
+                     f"{DEPLOY_EXTRAS}")
+
+
+def _load_onnx(path: str, batch_size: int) -> FaceModel:
+  """A FaceModel running an exported .onnx file through onnxruntime (CPU). Its `embed` takes
+  RGB uint8 crops as every FaceModel does: the channels are put in the file's order and
+  normalised here, and a plain export is run on the image and its flip, so that the
+  embeddings are flip_concat ones, as the evaluation and its threshold need."""
+  require_deploy(("onnxruntime",), f"{path}: running an .onnx model")
+  import onnxruntime as ort
+  so = ort.SessionOptions()
+  so.log_severity_level = 3  # errors only: not its notes on constants it leaves unfolded
+  try:
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+  except Exception as e:  # onnxruntime raises its own exception types
+    msg = str(e).splitlines()[0][:160] if str(e) else ""
+    raise ModelError(f"{path}: not an ONNX model onnxruntime can run ({type(e).__name__}: "
+                     f"{msg}); give a file written by `python -m askd_jax.tools.export "
+                     "--format=onnx`") from None
+  meta = sess.get_modelmeta().custom_metadata_map
+  if meta.get("format") != ONNX_FORMAT:
+    raise ModelError(f"{path}: an ONNX model without askd_jax's metadata (format "
+                     f"{meta.get('format')!r}); give a file written by `python -m "
+                     "askd_jax.tools.export --format=onnx`")
+  spec = dict(json.loads(meta["spec"]))
+  bgr = meta["channel_order"] == "bgr"
+  flip_concat = meta["embedding"] == "flip_concat"
+  name = sess.get_inputs()[0].name
+  dim = int(meta["embedding_size"])
+  spec["input_size"] = int(meta["input_size"])
+  spec["embedding_dim"] = dim // 2 if flip_concat else dim
+  spec["_source_dir"] = meta.get("source", path)
+
+  def run(images):  # uint8 (B, S, S, 3) RGB -> the file's output
+    x = images[..., ::-1] if bgr else images
+    x = ((x.astype(np.float32) - ONNX_MEAN) / ONNX_MEAN).transpose(0, 3, 1, 2)
+    if flip_concat:
+      return sess.run(None, {name: x})[0]
+    both = sess.run(None, {name: np.concatenate([x, x[..., ::-1]])})[0]
+    return np.concatenate([both[:len(x)], both[len(x):]], axis=-1)
+
+  size = int(meta.get("degradation_size", "0")) or None
+  return FaceModel(path, spec, lambda images, size, start: run(images),
+                   evaluation=json.loads(meta.get("evaluation", "{}")), fixed_size=size,
                    batch_size=batch_size)
 
 

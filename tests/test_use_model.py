@@ -360,12 +360,12 @@ def _close(got, want, tol=1e-5):
   return rel <= tol and np.max(np.abs(unit(got) - unit(want))) <= tol
 
 
-def _clean_python(tmp_path, args):
-  """Run _CLEAN in a python that cannot import askd_jax: -I (no cwd, no PYTHON* variables,
-  no user site) -S (no site: the editable install's path finder is never registered), with
-  site-packages added back as a plain directory for jax and numpy."""
+def _clean_python(tmp_path, args, code=None):
+  """Run `code` (default _CLEAN) in a python that cannot import askd_jax: -I (no cwd, no
+  PYTHON* variables, no user site) -S (no site: the editable install's path finder is never
+  registered), with site-packages added back as a plain directory for jax and numpy."""
   import site
-  code = _CLEAN.replace("SITE", repr(site.getsitepackages()[0]))
+  code = (code or _CLEAN).replace("SITE", repr(site.getsitepackages()[0]))
   env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
   control = subprocess.run([sys.executable, "-c", "import importlib.util; print("
                             "importlib.util.find_spec('askd_jax') is not None)"],
