@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import askd_jax
-from askd_jax import api
+from askd_jax import api, evalfile
 from askd_jax.data import orl
 from askd_jax.evaluate import verification
 from askd_jax.tools import export as export_cli
@@ -116,10 +116,8 @@ def test_demo_model_onnx(tiny_facerec_run, tmp_path, capsys):
     _check_batches(out, name, want[name])
 
   # the metadata says what a consumer needs
-  with open(os.path.join(teacher, "eval.json")) as f:
-    t_eval = json.load(f)
-  with open(os.path.join(student, "eval.json")) as f:
-    s_eval = json.load(f)
+  t_eval, s_eval = (evalfile.read(os.path.join(s, evalfile.FILE))["evaluations"][0]["results"]
+                    for s in (teacher, student))  # the run's own evaluation
   m = meta["teacher"]
   assert (m["input_size"], m["input_layout"], m["channel_order"]) == ("28", "NCHW", "rgb")
   assert (m["input_mean"], m["input_std"]) == ("127.5", "127.5")
