@@ -3,6 +3,7 @@
     import askd_jax
     model = askd_jax.load("workdir/facerec_demo/teacher")  # or a student stage, a directory
                                                            # written by tools.convert, a .jaxexport
+                                                           # or .onnx file (tools.export)
     emb = model.embed(["a.png", "b.png"])                  # (2, 2 * D) float32
     model.similarity(emb[0], emb[1])                       # cosine
     model.embed(images, size=14)       # degraded as for a student evaluated at 14 px
@@ -17,7 +18,13 @@ size. A converted official checkpoint consumes BGR; its model.json says so
 
 `size` degrades the image as the A-SKD evaluation does for a student at that resolution
 (nearest down to size x size and back up, then the official blur; the mode and blur of the
-run that trained the model when its workdir's config.json is found).
+run that trained the model when its workdir's config.json is found). The network computes in
+the evaluation's dtype (`experiment.eval_dtype`: float32 unless the config asks otherwise).
+
+Verification thresholds come from the model's eval.json (askd_jax/evalfile.py): the
+evaluation under the config the model was trained with (its workdir's config.json), or the
+one named by `load(path, evaluation=...)` (an entry's key, its start, or a preset). Results
+written for other weights than the directory holds now are never used.
 """
 from __future__ import annotations
 
@@ -29,10 +36,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
-EVAL_FILE = "eval.json"
+EVAL_FILE = "eval.json"  # askd_jax.evalfile.FILE
 EXPORT_SUFFIX = ".jaxexport"
 SIDECAR_SUFFIX = ".json"  # model.jaxexport.json: spec, degradation size, evaluation results
 EXPORT_FORMAT = "askd_jax.export/1"
+ONNX_FORMAT = "askd_jax.onnx/1"  # an .onnx file's metadata_props 'format' (tools/onnx_export.py)
+ONNX_MEAN = 127.5  # its input: (x - 127.5) / 127.5, as insightface's ArcFace ONNX models
+DEPLOY_EXTRAS = "pip install -r requirements-deploy.txt (jax2onnx, onnx, onnxruntime)"
 ALIGN_HINT = ("align each face to the 5-point ArcFace template (e.g. insightface "
               "face_align.norm_crop, 112x112) and resize the crop to {s}x{s}")
 
@@ -150,15 +160,18 @@ class FaceModel:
 
   def __init__(self, path: str, spec: Dict[str, Any], batch_fn: Callable, *,
                evaluation: Optional[Dict[str, Any]] = None, fixed_size: Optional[int] = None,
-               batch_size: int = 64, exportable=None):
+               batch_size: int = 64, exportable=None, no_evaluation: str = "",
+               traceable=None):
     self.path = path
     self.spec = spec
     self.input_size = int(spec["input_size"])
-    self.evaluation = evaluation or {}
+    self.evaluation = evaluation or {}  # {resolution: {set: results}} of one evaluation
+    self._no_evaluation = no_evaluation  # why there is none, for the threshold's error
     self.batch_size = int(batch_size)
     self._batch_fn = batch_fn  # (uint8 (B, S, S, 3), size or None, start index) -> (B, 2D)
     self._fixed_size = fixed_size  # an export has its degradation built in
     self._exportable = exportable  # (size) -> (fn of uint8 images, description); in-project only
+    self._traceable = traceable  # (size, flip) -> fn for converters (tools/onnx_export.py)
 
   def __repr__(self) -> str:
     return (f"FaceModel({self.path!r}, input {self.input_size}x{self.input_size}, "
@@ -245,7 +258,8 @@ class FaceModel:
            f"{self.eval_target}" + (f" --eval_sizes={size}" if size else "") + "` first "
            "(CONFIG: the config the model was trained with, e.g. configs/facerec.py)")
     if not ev:
-      raise ModelError(f"{self.path}: the model has no evaluation ({EVAL_FILE}), so no "
+      why = f": {self._no_evaluation}" if self._no_evaluation else ""
+      raise ModelError(f"{self.path}: the model has no evaluation ({EVAL_FILE}{why}), so no "
                        f"verification threshold; {how}")
     if key not in ev:
       have = ", ".join(f"--size={k}" if k != "HR" else "no --size" for k in ev)
@@ -317,25 +331,38 @@ def _read_json(path: str) -> Dict[str, Any]:
       raise ModelError(f"{path}: not valid JSON ({e}); delete it and evaluate again") from None
 
 
-def _evaluations(path: str) -> Dict[str, Any]:
-  """{resolution: {set: results}} of a stage's eval.json (its '_' keys are bookkeeping); an
-  eval.json holding no object (`null`) is an empty cache."""
-  ev = _read_json(path)
-  return {k: v for k, v in ev.items() if not k.startswith("_")} if isinstance(ev, dict) else {}
+def _evaluation(path: str, variables, own_cfg, dtype: str, name: Optional[str]):
+  """({resolution: {set: results}} of the model's evaluation, '' or why there is none):
+  `name`'s, else the one under its training config `own_cfg` (None: unknown) in `dtype`;
+  never one written for other weights."""
+  from askd_jax import evalfile
+  from askd_jax.experiment import eval_fingerprint
+  doc = evalfile.read(os.path.join(path, evalfile.FILE), evalfile.weights_hash(variables))
+  config = None if own_cfg is None else eval_fingerprint(own_cfg)
+  entry, why = evalfile.select(doc, config, dtype, name)
+  if entry is None and name:
+    raise ModelError(f"evaluation={name}: {path}: {why}")
+  return (entry["results"], "") if entry else ({}, why)
 
 
 def _missing(path: str) -> ModelError:
   return ModelError(f"{path}: no such model; give a stage directory of a run (e.g. "
                     "workdir/facerec_demo/teacher), a directory written by `python -m "
-                    "askd_jax.tools.convert`, or a .jaxexport file written by `python -m "
-                    "askd_jax.tools.export`")
+                    "askd_jax.tools.convert`, or a .jaxexport or .onnx file written by "
+                    "`python -m askd_jax.tools.export`")
 
 
-def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
-  """A FaceModel from a training stage directory, a converted checkpoint directory or an
-  exported .jaxexport file. Errors (ModelError, one line) name the path and the fix."""
+def load(path: Union[str, os.PathLike], batch_size: int = 64,
+         evaluation: Optional[str] = None) -> FaceModel:
+  """A FaceModel from a training stage directory, a converted checkpoint directory, an
+  exported .jaxexport file or an exported .onnx file (run by onnxruntime). `evaluation`:
+  whose thresholds to use when eval.json holds several (an entry's key, its start, or a
+  preset; default: the training config's). Errors
+  (ModelError, one line) name the path and the fix."""
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if os.path.isfile(path):
+    if path.lower().endswith(".onnx"):
+      return _load_onnx(path, batch_size)
     return _load_export(path, batch_size)
   if not os.path.isdir(path):
     raise _missing(path)
@@ -359,9 +386,12 @@ def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
   import jax
   import jax.numpy as jnp
   from askd_jax.tasks import get_task
-  cfg = _default_cfg(int(spec["input_size"]), _workdir_config(path))
+  from askd_jax.experiment import eval_dtype
+  own = _workdir_config(path)
+  cfg = _default_cfg(int(spec["input_size"]), own)
   task = get_task(cfg)
-  model = task.model(dtype=jnp.dtype(cfg.get("dtype", "float32")), spec=spec)
+  dtype = eval_dtype(cfg)
+  model = task.model(dtype=jnp.dtype(dtype), spec=spec)
   fns: Dict[Optional[int], Callable] = {}
   key = jax.random.key(0)
 
@@ -377,11 +407,33 @@ def load(path: Union[str, os.PathLike], batch_size: int = 64) -> FaceModel:
     fn = embed_fn(size)
     return lambda images: fn(variables, images, jax.random.key(0))
 
+  def traceable(size, flip):
+    """float32 (B, S, S, 3) in [-1, 1], in the network's own channel order (no reversal) ->
+    concat(emb(D(x)), emb(D(flip x))) (flip) or emb(D(x)), D the degradation to `size` (if
+    any): the embedding of embed_fn with the plain-op formulation (any platform but "cpu"
+    selects it; askd_jax/ops), unjitted, for a converter to trace."""
+    from askd_jax.data import degrade as degrade_lib
+    from askd_jax.evaluate.verification import flip_concat_embed
+    from askd_jax.train.loop import student_degrade_cfg
+    net = task.model(dtype=jnp.float32, spec=dict(spec, channel_order="rgb"), platform="export")
+    deg = None
+    if size:
+      d = degrade_lib.make_degrade(student_degrade_cfg(cfg.student, (size,)))
+      deg = lambda x: d(x, jax.random.key(0))
+
+    def embed(x):
+      (out, _), _ = task.forward(net, variables, x, {}, train=False)
+      return out["embedding"].astype(jnp.float32)
+    if flip:
+      return lambda x: flip_concat_embed(embed, x, deg)
+    return lambda x: embed(x if deg is None else deg(x))
+
   from askd_jax.train.checkpoint import params_hash  # identifies the model of a gallery
   spec = dict(spec, params_hash=params_hash(variables["params"]), _source_dir=path)
-  return FaceModel(path, spec, batch_fn,
-                   evaluation=_evaluations(os.path.join(path, EVAL_FILE)),
-                   batch_size=batch_size, exportable=exportable)
+  results, why = _evaluation(path, variables, own, dtype, evaluation)
+  return FaceModel(path, spec, batch_fn, evaluation=results, batch_size=batch_size,
+                   exportable=exportable, no_evaluation=why,
+                   traceable=traceable)
 
 
 def _load_export(path: str, batch_size: int) -> FaceModel:
@@ -405,6 +457,64 @@ def _load_export(path: str, batch_size: int) -> FaceModel:
   call = jax.jit(exp.call)
   return FaceModel(path, spec, lambda images, size, start: call(images),
                    evaluation=meta.get("evaluation"), fixed_size=meta.get("size") or None,
+                   batch_size=batch_size)
+
+
+def require_deploy(modules: Sequence[str], what: str) -> None:
+  """ModelError naming the extras to install when one of `modules` does not import."""
+  import importlib
+  missing = []
+  for m in modules:
+    try:
+      importlib.import_module(m)
+    except ImportError:
+      missing.append(m)
+  if missing:
+    raise ModelError(f"{what} needs {', '.join(missing)}, which is not installed; "
+                     f"{DEPLOY_EXTRAS}")
+
+
+def _load_onnx(path: str, batch_size: int) -> FaceModel:
+  """A FaceModel running an exported .onnx file through onnxruntime (CPU). Its `embed` takes
+  RGB uint8 crops as every FaceModel does: the channels are put in the file's order and
+  normalised here, and a plain export is run on the image and its flip, so that the
+  embeddings are flip_concat ones, as the evaluation and its threshold need."""
+  require_deploy(("onnxruntime",), f"{path}: running an .onnx model")
+  import onnxruntime as ort
+  so = ort.SessionOptions()
+  so.log_severity_level = 3  # errors only: not its notes on constants it leaves unfolded
+  try:
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+  except Exception as e:  # onnxruntime raises its own exception types
+    msg = str(e).splitlines()[0][:160] if str(e) else ""
+    raise ModelError(f"{path}: not an ONNX model onnxruntime can run ({type(e).__name__}: "
+                     f"{msg}); give a file written by `python -m askd_jax.tools.export "
+                     "--format=onnx`") from None
+  meta = sess.get_modelmeta().custom_metadata_map
+  if meta.get("format") != ONNX_FORMAT:
+    raise ModelError(f"{path}: an ONNX model without askd_jax's metadata (format "
+                     f"{meta.get('format')!r}); give a file written by `python -m "
+                     "askd_jax.tools.export --format=onnx`")
+  spec = dict(json.loads(meta["spec"]))
+  bgr = meta["channel_order"] == "bgr"
+  flip_concat = meta["embedding"] == "flip_concat"
+  name = sess.get_inputs()[0].name
+  dim = int(meta["embedding_size"])
+  spec["input_size"] = int(meta["input_size"])
+  spec["embedding_dim"] = dim // 2 if flip_concat else dim
+  spec["_source_dir"] = meta.get("source", path)
+
+  def run(images):  # uint8 (B, S, S, 3) RGB -> the file's output
+    x = images[..., ::-1] if bgr else images
+    x = ((x.astype(np.float32) - ONNX_MEAN) / ONNX_MEAN).transpose(0, 3, 1, 2)
+    if flip_concat:
+      return sess.run(None, {name: x})[0]
+    both = sess.run(None, {name: np.concatenate([x, x[..., ::-1]])})[0]
+    return np.concatenate([both[:len(x)], both[len(x):]], axis=-1)
+
+  size = int(meta.get("degradation_size", "0")) or None
+  return FaceModel(path, spec, lambda images, size, start: run(images),
+                   evaluation=json.loads(meta.get("evaluation", "{}")), fixed_size=size,
                    batch_size=batch_size)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 TASKS = ("facerec", "classification", "detection")
 DTYPES = ("float32", "bfloat16", "float16")
+EVAL_DTYPES = DTYPES + ("train",)  # train: config.dtype
 FACE_DATA = ("orl", "insightface")
 AUGMENTS = ("flip", "official", "demo", "none")
 MARGINS = ("arcface", "cosface")
@@ -116,6 +117,8 @@ def validate(cfg) -> None:
   ev = cfg.get("eval")
   if ev is not None and "batch_size" in ev:
     _positive("eval.batch_size", ev.batch_size, integer=True)
+  if ev is not None:
+    _choice("eval.dtype", ev.get("dtype", "float32"), EVAL_DTYPES)
   _check_devices(cfg.train)  # last: it starts the JAX backend
 
 

@@ -122,48 +122,60 @@ def guard_workdir(workdir: str, cfg, overwrite: bool, lock=None) -> None:
 
 
 # Bump when the evaluation's numbers change for the same model and sets (2: the official
-# flip-then-degrade order, native TinyFace, a deploy threshold and TAR@FAR per set).
-EVAL_PROTOCOL = 2
+# flip-then-degrade order, native TinyFace, a deploy threshold and TAR@FAR per set; 3: float32
+# whatever the training dtype, one size at a time).
+EVAL_PROTOCOL = 3
 
 
 def eval_fingerprint(cfg) -> str:
-  """What an evaluation's numbers depend on besides the model: the evaluation sets and pairs
-  (config.data, less where the files live and how fast they are read), the degradation
-  (config.student) and config.eval."""
+  """What an evaluation's numbers depend on besides the model, the data's content and the
+  dtype: the evaluation sets and pairs (config.data, less where the files live and how fast
+  they are read), the degradation (config.student) and config.eval (less its dtype)."""
   import hashlib
   data = {k: v for k, v in cfg.get("data", {}).items()
           if k not in ("data_dir", "manual_dir", "workers")}
   student = {k: cfg.student.get(k) for k in ("mode", "blur", "sigma_range")} \
       if cfg.get("student") else {}
+  ev = {k: v for k, v in cfg.get("eval", {}).items() if k != "dtype"}
   blob = json.dumps({"protocol": EVAL_PROTOCOL, "data": data, "student": student,
-                     "eval": dict(cfg.get("eval", {}))}, sort_keys=True, default=str)
+                     "eval": ev}, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def eval_dtype(cfg) -> str:
+  """The dtype evaluation computes in: config.eval.dtype, float32 unless asked ("train":
+  config.dtype, the training compute dtype), as the official evaluation runs in float32."""
+  from askd_jax.config_check import EVAL_DTYPES
+  d = cfg.get("eval", {}).get("dtype") or "float32"
+  if d not in EVAL_DTYPES:  # --evaluate does not run config_check.validate
+    raise UsageError(f"config.eval.dtype={d!r} is unknown; use one of {', '.join(EVAL_DTYPES)}")
+  return str(cfg.get("dtype") or "float32") if d == "train" else str(d)
+
+
+def one_size_each(sizes_list) -> List[tuple]:
+  """[(), (14, 28)] -> [(), (14,), (28,)]: each size is evaluated on its own (the official
+  evaluates one resolution at a time); () or 0 is high resolution."""
+  out = []
+  for sizes in sizes_list:
+    for s in (tuple(sizes) or (0,)):
+      r = (int(s),) if int(s) else ()
+      if r not in out:
+        out.append(r)
+  return out
+
+
 def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
-  """Evaluate a model directory at each resolution; cached in STAGE/eval.json (when the
-  directory is writable) under the `eval_fingerprint` of the config: a cache written by
-  another evaluation protocol or for other sets is evaluated afresh."""
+  """Evaluate a model directory at each resolution, one size at a time, in `eval_dtype`;
+  cached in STAGE/eval.json (askd_jax/evalfile.py, when the directory is writable) under the
+  weights evaluated (parameters and BatchNorm statistics), the `eval_fingerprint` of the
+  config, the identity of the prepared data (`task.eval_data_identity`) and the dtype. Other
+  evaluations of the same weights are kept beside it."""
   import jax
   import jax.numpy as jnp
+  from askd_jax import evalfile
   from askd_jax.train import loop
   from askd_jax.train.checkpoint import load_model
-  cache_path = os.path.join(stage_dir, "eval.json")
-  cache = {}
-  if os.path.exists(cache_path):
-    with open(cache_path) as f:
-      try:
-        cache = json.load(f)
-      except json.JSONDecodeError:
-        cache = {}  # cut short by a crash: evaluate again
-    if not isinstance(cache, dict):  # `null`, a list: a cache, so evaluate again
-      cache = {}
-  fingerprint = eval_fingerprint(cfg)
-  if cache and cache.get("_eval") != fingerprint:
-    log.info("%s was written for another evaluation (protocol or sets); evaluating again",
-             cache_path)
-    cache = {}
-  cache["_eval"] = fingerprint
+  cache_path = os.path.join(stage_dir, evalfile.FILE)
   variables, spec = load_model(stage_dir)
   size = cfg.get("data", {}).get("image_size")
   if spec.get("input_size") and size and spec["input_size"] != size:
@@ -171,15 +183,22 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
                      f"config.data.image_size is {size}; pass "
                      f"--config.data.image_size={spec['input_size']} (or the config it was "
                      "trained with)")
-  model = task.model(dtype=jnp.dtype(cfg.get("dtype", "float32")), spec=spec)
+  dtype = eval_dtype(cfg)
+  data_id = task.eval_data_identity()
+  fingerprint = eval_fingerprint(cfg)
+  doc = evalfile.read(cache_path, evalfile.weights_hash(variables))
+  entry = evalfile.entry(doc, f"{fingerprint}-{data_id}-{dtype}", config=fingerprint,
+                         data=data_id, dtype=dtype, preset=cfg.get("preset"))
+  cache = entry["results"]
+  model = task.model(dtype=jnp.dtype(dtype), spec=spec)
   out = {}
-  for sizes in sizes_list:
-    key = "HR" if not sizes else "/".join(map(str, sizes))
+  for sizes in one_size_each(sizes_list):
+    key = "HR" if not sizes else str(sizes[0])
     if key not in cache:
       stop.at("evaluate", f"{os.path.basename(stage_dir.rstrip('/'))} {key}")
       t = time.time()
       with _stop_between_batches(task, f"{os.path.basename(stage_dir.rstrip('/'))} {key}"):
-        res = task.evaluate(model, variables, tuple(sizes))
+        res = task.evaluate(model, variables, sizes)
       # Timings go to events.jsonl only: eval.json and the results stay deterministic.
       loop.record(stage_dir, event="eval", resolution=key, seconds=time.time() - t,
                   sets={k: v.pop("seconds", None) for k, v in res.items()})
@@ -188,7 +207,7 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
   if jax.process_index() == 0:  # several hosts: one writer
     from askd_jax.workdir import write_json
     try:
-      write_json(cache_path, cache)
+      write_json(cache_path, doc)
     except OSError as e:  # a read-only model directory: the results are printed anyway
       log.warning("could not cache the results in %s (%s)", cache_path, e.strerror)
   return out
@@ -220,9 +239,9 @@ class _stop_between_batches:
 
 
 def evaluate(cfg, model_dir: str, sizes: Sequence[int] = ()) -> Dict[str, Any]:
-  """Evaluate one model directory (a stage directory or a converted checkpoint) at one
-  resolution (sizes: () for high resolution, (7,) for 7 px); {resolution: {set: results}},
-  cached in MODEL_DIR/eval.json like a run's."""
+  """Evaluate one model directory (a stage directory or a converted checkpoint) at high
+  resolution (sizes ()) or at each of `sizes` separately ((7, 14): 7 px, then 14 px);
+  {resolution: {set: results}}, cached in MODEL_DIR/eval.json like a run's."""
   from askd_jax.tasks import get_task
   return evaluate_stage(get_task(cfg), cfg, model_dir, [tuple(sizes)])
 

@@ -120,8 +120,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start afresh in a workdir th
                                "config's run (the old one is moved to WORKDIR.old-<time>).")
 _EVALUATE = flags.DEFINE_string("evaluate", None, "Only evaluate this model directory (a stage "
                                 "dir or a converted checkpoint) and print its accuracy.")
-_SIZES = flags.DEFINE_string("eval_sizes", "", "With --evaluate: comma-separated LR sizes "
-                             "(empty: high resolution).")
+_SIZES = flags.DEFINE_string("eval_sizes", "", "With --evaluate: comma-separated LR sizes, "
+                             "each evaluated on its own (empty: high resolution).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "On a failure, print the full traceback (it is "
                              "always written to WORKDIR/run.log).")
 

@@ -6,10 +6,22 @@ students share the run's teacher, split and seed, so the runs pair the methods:
   cell        per (set, metric, method, resolution): mean over runs, 95 % Student-t interval
               mean +- t_{0.975, n-1} * sd / sqrt(n) (sd with ddof=1).
   difference  per (set, metric, method, resolution), method vs `none` at the same resolution
-              within each run: d_r = x_r(method) - x_r(none); mean d, 95 % paired-t interval
-              and the paired t-test's two-sided p (scipy.stats.ttest_rel). A difference is
-              significant when its interval excludes 0; `holm` also says whether it stays so
-              after Holm's correction over the differences of its (set, metric) table.
+              within each run: d_r = x_r(method) - x_r(none); mean d, 95 % paired-t interval,
+              the paired t-test's two-sided p (scipy.stats.ttest_rel; None when every d_r is
+              the same) and the exact paired sign-flip permutation test's two-sided p
+              (`p_signflip`: the share of the 2^n sign patterns of the d_r whose |mean| reaches
+              the observed one; scipy.stats.permutation_test). A difference is significant
+              when p_signflip <= 0.05 and its t interval, where it has a width, excludes 0;
+              `holm` also says whether it stays so after Holm's correction of the sign-flip
+              p over the differences of its (set, metric) table.
+
+Why the sign-flip test beside the t interval: when every run gives the same difference (2-4
+runs on a 1/900 accuracy grid do), the t interval has zero width and the t-test's p is 0, yet
+n runs that agree are evidence of p = 2 / 2^n only. The sign-flip p needs no variance and no
+normality, and it cannot go below 2 / 2^n: a difference needs at least 6 runs to reach
+p <= 0.05 (2/32 = 0.0625 with 5), and 9 to survive Holm over a table of 8 differences
+(2/256 = 0.0078 > 0.05/8). A zero-width interval is printed as "all n runs equal", never as
+an interval.
 
 Why the paired t and not a bootstrap: with 3-8 runs the percentile bootstrap's intervals are
 too narrow (it cannot see more spread than the few runs show), while the t interval is exact
@@ -28,6 +40,7 @@ from scipy import stats as sps
 
 METRICS = {"accuracy": "verification accuracy (%)", "tar_far1e-2": "TAR at FAR 1e-2 (%)"}
 BASELINE = "none"
+ALPHA = 0.05
 
 
 @dataclasses.dataclass
@@ -36,11 +49,23 @@ class Interval:
   lo: float
   hi: float
   n: int
-  p: float | None = None  # two-sided p of mean == 0 (differences only)
+  p: float | None = None  # paired t-test's two-sided p of mean == 0 (differences only)
+  p_signflip: float | None = None  # exact sign-flip test's two-sided p (differences only)
+
+  @property
+  def zero_width(self) -> bool:
+    return self.n > 1 and self.lo == self.hi
 
   @property
   def significant(self) -> bool:
-    return self.n > 1 and (self.lo > 0 or self.hi < 0)
+    """For differences: the sign-flip p <= ALPHA and the t interval, if it has a width,
+    excludes 0. Without a sign-flip p (a cell): the interval excludes 0 and has a width."""
+    if self.n < 2:
+      return False
+    excludes = self.zero_width or self.lo > 0 or self.hi < 0
+    if self.p_signflip is None:
+      return excludes and not self.zero_width
+    return excludes and self.p_signflip <= ALPHA
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
@@ -66,11 +91,24 @@ def paired_difference(a: Sequence[float], b: Sequence[float],
     raise ValueError(f"paired values need equal lengths, got {a.shape} and {b.shape}")
   iv = t_interval(a - b, confidence)
   if iv.n > 1:
-    if iv.lo == iv.hi:  # every run the same difference (scipy would warn and divide by ~0)
-      iv.p = 1.0 if abs(iv.mean) <= 1e-12 else 0.0
-    else:
+    iv.p_signflip = sign_flip_p(a - b)
+    if not iv.zero_width:  # every run the same difference: the t-test has no variance to use
       iv.p = float(sps.ttest_rel(a, b).pvalue)
   return iv
+
+
+def sign_flip_p(d: Sequence[float], exact_up_to: int = 16) -> float:
+  """Two-sided p of the paired sign-flip permutation test of mean(d) == 0: exact (all 2^n
+  sign patterns) up to `exact_up_to` runs, 99,999 seeded random patterns beyond."""
+  d = np.asarray(d, np.float64)
+  d = np.where(np.abs(d) <= 1e-12, 0.0, d)  # float noise of equal accuracies is no sign
+  if not np.any(d):
+    return 1.0
+  exact = d.size <= exact_up_to
+  r = sps.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True,
+                           n_resamples=np.inf if exact else 99_999, alternative="two-sided",
+                           rng=None if exact else np.random.default_rng(0))
+  return float(min(1.0, r.pvalue))
 
 
 def welch_difference(a: Sequence[float], b: Sequence[float],
@@ -194,15 +232,22 @@ def summarize(runs: List[Tuple[str, List[Dict[str, Any]]]], baseline: str = BASE
                   **dataclasses.asdict(iv), "significant": iv.significant,
                   "unpaired": unpaired and {"lo": unpaired.lo, "hi": unpaired.hi}})
   for key in {(d["set"], d["metric"]) for d in diffs}:
-    group = [d for d in diffs if (d["set"], d["metric"]) == key and d["p"] is not None]
-    for d, rej in zip(group, holm([d["p"] for d in group])):
-      d["holm"] = rej
+    group = [d for d in diffs if (d["set"], d["metric"]) == key and d["p_signflip"] is not None]
+    for d, rej in zip(group, holm([d["p_signflip"] for d in group], ALPHA)):
+      d["holm"] = rej and d["significant"]
   return {"cells": cells, "diffs": diffs, "runs": [n for n, _ in runs],
           "confidence": confidence, "baseline": baseline}
 
 
 def _pct(x: float, sign: bool = False) -> str:
   return "nan" if math.isnan(x) else f"{100 * x:{'+' if sign else ''}.2f}"
+
+
+def _interval(c: Dict[str, Any], sign: bool = False) -> str:
+  """'mean [lo, hi]', or 'mean (all n runs equal)': a zero-width interval is no interval."""
+  if c["n"] > 1 and c["lo"] == c["hi"]:
+    return f"{_pct(c['mean'], sign)} (all {c['n']} runs equal)"
+  return f"{_pct(c['mean'], sign)} [{_pct(c['lo'], sign)}, {_pct(c['hi'], sign)}]"
 
 
 def markdown(summary: Dict[str, Any], method_names: Dict[str, str]) -> str:
@@ -225,8 +270,7 @@ def markdown(summary: Dict[str, Any], method_names: Dict[str, str]) -> str:
         row = []
         for r in res:
           c = next((c for c in mine if c["method"] == m and c["eval_resolution"] == r), None)
-          row.append("" if c is None else
-                     f"{_pct(c['mean'])} [{_pct(c['lo'])}, {_pct(c['hi'])}] (n={c['n']})")
+          row.append("" if c is None else f"{_interval(c)} (n={c['n']})")
         out.append(f"| {method_names[m]} | " + " | ".join(row) + " |")
       out.append("")
       dd = [d for d in diffs if d["set"] == s and d["metric"] == metric]
@@ -235,8 +279,9 @@ def markdown(summary: Dict[str, Any], method_names: Dict[str, str]) -> str:
       res = sorted({d["eval_resolution"] for d in dd}, key=res_key)
       out += [f"`{s}`, {label}: paired difference to "
               f"{method_names.get(summary['baseline'], summary['baseline'])} (points), "
-              f"mean [{conf} % paired-t interval], p; **bold** = interval excludes 0, "
-              "\u2020 = also after Holm's correction over this table", "",
+              f"mean [{conf} % paired-t interval], paired-t p, exact sign-flip p; **bold** = "
+              f"sign-flip p <= {ALPHA} and the interval excludes 0, \u2020 = also after "
+              "Holm's correction of the sign-flip p over this table", "",
               "| method | " + " | ".join(f"{r} px" for r in res) + " |",
               "|---|" + "---|" * len(res)]
       for m in order:
@@ -246,8 +291,10 @@ def markdown(summary: Dict[str, Any], method_names: Dict[str, str]) -> str:
           if d is None:
             row.append("")
             continue
-          txt = f"{_pct(d['mean'], True)} [{_pct(d['lo'], True)}, {_pct(d['hi'], True)}]"
+          txt = _interval(d, True)
           p = "" if d["p"] is None else f" p={d['p']:.3f}"
+          if d.get("p_signflip") is not None:
+            p += f"{',' if p else ''} sign-flip p={d['p_signflip']:.3f}"
           row.append((f"**{txt}**" if d["significant"] else txt) + p
                      + (" \u2020" if d.get("holm") else ""))
         if any(row):

@@ -9,7 +9,9 @@ Presets
   casia     the paper's recipe: iResNet50-CBAM, CASIA-WebFace (insightface RecordIO),
             batch 128, SGD lr 0.1 x0.1 from epochs 5, 10, 14, 16 (0-based) of 20 (the official
             per-epoch rates, see train.lr_boundaries below), students at 14/28/56 px,
-            A-SKD weight 5.0; verification on LFW / AgeDB-30 / CFP-FP .bin files.
+            A-SKD weight 5.0; verification on LFW / AgeDB-30 / CFP-FP .bin files; the
+            training and .bin images JPEG round-tripped as the official export does
+            (data.jpeg_roundtrip, docs/protocol.md row 20).
   tinyface  the official TinyFace experiment: the casia teacher, a 24 px student evaluated by
             rank-k identification on TinyFace.
 
@@ -82,6 +84,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
+  c.eval.dtype = "float32"         # whatever config.dtype ("train": in config.dtype)
   return c
 
 
@@ -120,9 +123,11 @@ def get_config(preset: str = "demo") -> ml_collections.ConfigDict:
   elif preset == "casia":
     c.data.name = "insightface"
     c.data.dataset = "casia"
+    c.data.jpeg_roundtrip = True   # as the official export: .rec/.bin -> cv2.imwrite jpg -> imread
   elif preset == "tinyface":
     c.data.name = "insightface"
     c.data.dataset = "casia"
+    c.data.jpeg_roundtrip = True   # the CASIA training images (TinyFace's own files never)
     c.data.tinyface = True         # also rank-1/5/10/20 identification on prepared TinyFace
     c.data.verification = ()
     c.student.sizes = (24,)

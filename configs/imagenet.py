@@ -90,6 +90,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 1000         # global; a multiple of the device count
+  c.eval.dtype = "float32"         # whatever config.dtype ("train": in config.dtype)
   c.eval.topk = (1, 5)
   return c
 

@@ -118,6 +118,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 4            # letterboxed canvases per jitted call
+  c.eval.dtype = "float32"         # whatever config.dtype ("train": in config.dtype)
   c.eval.image_size = 1024         # square evaluation canvas (0 = data.image_size)
   c.eval.score_thr = 0.02          # the paper's confidence level
   c.eval.nms_iou = 0.4             # the paper's NMS threshold

@@ -144,6 +144,7 @@ LONG_FIRST = [
     "test_classification.py",      # 135 s
     "test_compare.py",             # 130 s
     "test_official_eval_e2e.py",   # 125 s
+    "test_onnx_export.py",         # full R50 conversion + the demo's exports: 130 s
     "test_tinaface.py",            # 105 s
     "test_real_face_data_run.py",  # 55 s
 ]

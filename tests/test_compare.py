@@ -126,7 +126,9 @@ def test_run_grid_orders_runs_and_reports_over_them(tmp_path, capsys):
                   (0, 6, False, "split0_seed6"), (2, 6, False, "split2_seed6")]
   summary = json.loads((tmp_path / "results.json").read_text())
   d = next(x for x in summary["diffs"] if x["method"] == "askd" and x["metric"] == "accuracy")
-  assert d["n"] == 4 and np.isclose(d["mean"], 0.01) and np.isclose(d["lo"], 0.01)
+  # every run +1 point: no spread, so no evidence beyond the sign-flip test's 2/16
+  assert d["n"] == 4 and np.isclose(d["mean"], 0.01) and np.isclose(d["p_signflip"], 0.125)
+  assert not d["significant"] and "+1.00 (all 4 runs equal)" in md
   assert "runs' own times (each its last invocation): 4.0 min" in md
   assert (tmp_path / "results.md").read_text() == md
   cfg.grid.seeds = ("x",)

@@ -63,6 +63,8 @@ CASES = [
     ("nan_lr", _set("train.lr", float("nan")), ["config.train.lr=nan", "finite"]),
     ("zero_batch", _set("train.batch_size", 0), ["config.train.batch_size=0", "positive"]),
     ("bad_dtype", _set("dtype", "float64"), ["config.dtype='float64'", "float32, bfloat16"]),
+    ("bad_eval_dtype", _set("eval.dtype", "fp32"), ["config.eval.dtype='fp32'", "float32",
+                                                    "train"]),
     ("bad_nan_policy", _set("train.nan_policy", "ignore"),
      ["config.train.nan_policy='ignore'", "stop, skip"]),
     ("unknown_task", _set("task", "segmentation"), ["config.task='segmentation'", "facerec"]),

@@ -323,3 +323,35 @@ def test_torch_parity_rkd_with_grad():
     theirs.backward()
     assert float(ours) == pytest.approx(theirs.item(), abs=1e-5)
     np.testing.assert_allclose(np.asarray(g), ts.grad.numpy(), atol=1e-5)
+
+
+def test_at_map_is_the_same_in_any_batch():
+  """AT's attention map and its gradient for a sample do not depend on the batch it sits in
+  (a 32-batch on one device vs 4 shards of 8 on four): bit for bit, at stage-like shapes,
+  and they equal F.normalize(mean_c x^2) and its autodiff gradient to float32 rounding.
+
+  Before the fix (XLA reductions in the map) the map of (32, 16, 16, 8) and (32, 2, 2, 64)
+  inputs differed from the 8-sample shards' by ~1.2e-7 (relative): this test failed, and the
+  4-vs-1-device AT run of tests/test_sharding.py ended 1.3e-4 apart."""
+  from askd_jax.distill.at import attention_map
+  from askd_jax.distill.askd import l2_normalize
+  rng = np.random.default_rng(0)
+
+  def plain(x):
+    return l2_normalize(jnp.mean(jnp.square(x), -1).reshape(x.shape[0], -1), eps=1e-12)
+
+  f = jax.jit(attention_map)
+  grad = jax.jit(lambda x, w: jax.grad(lambda x: jnp.sum(attention_map(x) * w))(x))
+  for shape in [(32, 16, 16, 8), (32, 7, 7, 16), (32, 2, 2, 64), (32, 1, 1, 3)]:
+    x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.5, 2, shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(32, shape[1] * shape[2])), jnp.float32)
+    full, gfull = np.asarray(f(x)), np.asarray(grad(x, w))
+    for k in range(0, 32, 8):
+      np.testing.assert_array_equal(full[k:k + 8], np.asarray(f(x[k:k + 8])))
+      np.testing.assert_array_equal(gfull[k:k + 8], np.asarray(grad(x[k:k + 8], w[k:k + 8])))
+    np.testing.assert_allclose(full, plain(x), rtol=2e-6, atol=1e-7)
+    want = jax.grad(lambda x: jnp.sum(plain(x) * w))(x)
+    np.testing.assert_allclose(gfull, want, rtol=1e-4, atol=1e-6)  # HW=1: 0 vs rounding
+  z = jnp.zeros((2, 3, 3, 4))  # all-zero map: F.normalize's eps, finite gradient
+  assert np.all(np.asarray(attention_map(z)) == 0)
+  assert np.isfinite(np.asarray(jax.grad(lambda x: jnp.sum(attention_map(x)))(z))).all()

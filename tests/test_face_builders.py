@@ -246,3 +246,81 @@ def test_image_list_round_trip(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     faces.read_image_list(str(root / "bad.list"), str(root))
   assert "bad.list line 2" in _one_line(e)
+
+
+# ------------------------------------------------------------------- JPEG round trip
+
+def _opencv_round_trip(rgb, tmp_path):
+  """What the official utility/load_images_from_bin.py + loaders do: cv2.imwrite(path.jpg) of
+  the BGR image (OpenCV's default quality 95), cv2.imread back; returned as RGB."""
+  import cv2
+  path = str(tmp_path / "x.jpg")
+  assert cv2.imwrite(path, np.ascontiguousarray(rgb[..., ::-1]))
+  return cv2.imread(path)[..., ::-1]
+
+
+def test_reencode_jpeg_matches_opencv_imwrite_imread(tmp_path):
+  """faces.reencode_jpeg (Pillow) against OpenCV itself on noise, gradients, face-like
+  images, a near-grey one and odd sizes (chroma subsampling at the edges): at most 1 grey
+  level on at most 0.1 % of the pixels (measured: equal, docs/protocol.md)."""
+  rng = np.random.default_rng(0)
+  imgs = _pixels(4, 5) + [fixtures.identity_pixels(k, 1) for k in range(4)]
+  imgs += [fixtures.gradient_pixels(rng, 112, 112), fixtures.gradient_pixels(rng, 23, 37),
+           (128 + rng.integers(-3, 4, (112, 112, 3))).astype(np.uint8),
+           rng.integers(0, 256, (17, 9, 3), dtype=np.uint8)]
+  differ = total = 0
+  for img in imgs:
+    got, want = faces.reencode_jpeg(img), _opencv_round_trip(img, tmp_path)
+    assert got.shape == want.shape == img.shape and got.dtype == np.uint8
+    d = np.abs(got.astype(int) - want.astype(int))
+    assert d.max() <= 1
+    differ, total = differ + int((d > 0).sum()), total + d.size
+    assert np.abs(got.astype(int) - img.astype(int)).max() > 0  # it is lossy: a real re-encode
+  assert differ <= 1e-3 * total, (differ, total)
+
+
+def test_jpeg_roundtrip_option_in_the_paper_presets(rec_set, tmp_path):
+  """`data.jpeg_roundtrip` is on in the casia and tinyface presets (absent from the demo:
+  its config hash is unchanged) and re-encodes the CASIA training images and the .bin
+  verification images as OpenCV's imwrite + imread, never TinyFace's own files; off, the
+  stored pixels come through. Fails without the option (before issue 32 item 1: the
+  preset had no such field and the images came through untouched)."""
+  from askd_jax import experiment
+  from askd_jax.tasks import facerec
+  manual, pix, _ = rec_set
+  data = tmp_path / "data"
+  faces.prepare("casia", str(manual), str(data), on_corrupt="skip")
+  vpix = _pixels(40, 2)
+  fixtures.write_verification_bin(str(manual / "lfw.bin"), vpix, [i % 2 == 0 for i in range(20)])
+  faces.prepare("lfw", str(manual), str(data))
+  tpix = _pixels(9, 3)
+  files = _tinyface_tree(tmp_path / "tf", tpix)
+  faces.prepare("tinyface", str(tmp_path / "tf"), str(data))
+  cfg_path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "facerec.py")
+  assert "jpeg_roundtrip" not in experiment.load_config(cfg_path, []).data
+
+  def load(preset, *flags):
+    cfg = experiment.load_config(f"{cfg_path}:{preset}", [f"--config.data.data_dir={data}",
+                                                          "--config.data.verification=lfw",
+                                                          *flags])
+    return cfg, facerec.load_face_data(cfg.data)
+
+  for on in (True, False):
+    cfg, d = load("casia", *([] if on else ["--config.data.jpeg_roundtrip=false"]))
+    assert cfg.data.jpeg_roundtrip is on
+    fix = (lambda x: _opencv_round_trip(x, tmp_path)) if on else (lambda x: x)
+    for i in range(5):  # the PNG records, through the training loader's decode operations
+      r = d["train"][i]
+      for op in d["train_transforms"]:
+        r = op.map(r) if isinstance(op, grain.MapTransform) else r
+      np.testing.assert_array_equal(r["image"], fix(pix[i]))
+    ver = d["verification"][0]["images"]
+    for k in range(0, 40, 7):
+      np.testing.assert_array_equal(ver[k], fix(vpix[k]))
+  cfg, d = load("tinyface", "--config.data.tinyface=true")
+  assert cfg.data.jpeg_roundtrip is True and len(d["verification"]) == 1
+  tf = d["tinyface"]
+  want = {n: files[n] for n in files}
+  for sp in ("probe", "gallery"):
+    for img, src in zip(tf[sp]["image"], tf[sp]["source"]):
+      np.testing.assert_array_equal(img, want[src.decode()])  # TinyFace: its own pixels

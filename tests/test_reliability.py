@@ -465,9 +465,11 @@ def test_truncated_newest_step_is_one_warning_line(ref_run, common, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_other_input_size_and_read_only_model_dir(ref_run, common, tmp_path):
-  """Case 8: --evaluate on a model of another input size (a shape traceback before), and on
-  a model directory that cannot be written (eval.json) still prints the results."""
+def test_evaluate_other_input_size(ref_run, common, tmp_path):
+  """Case 8: --evaluate on a model of another input size (a shape traceback before). A model
+  directory where eval.json cannot be written: tests/test_eval_cache.py::
+  test_unwritable_eval_json_warns_and_leaves_nothing_partial (a failing write that bites as
+  root too, which a read-only chmod does not)."""
   rc, out, err = run_cli(_cmd(tmp_path / "unused", common, f"--evaluate={ref_run / 'teacher'}",
                               "--config.data.image_size=32"), tmp_path, "size")
   assert rc == 2
@@ -475,15 +477,4 @@ def test_evaluate_other_input_size_and_read_only_model_dir(ref_run, common, tmp_
                                  "but config.data.image_size is 32; pass "
                                  "--config.data.image_size=16 (or the config it was trained "
                                  "with)")
-  _stderr_ok(err)
-  d = tmp_path / "teacher"
-  shutil.copytree(ref_run / "teacher", d)
-  (d / "eval.json").unlink()
-  os.chmod(d, 0o555)
-  try:
-    rc, out, err = run_cli(_cmd(tmp_path / "unused", common, f"--evaluate={d}"), tmp_path, "ro")
-  finally:
-    os.chmod(d, 0o755)
-  assert rc == 0, err[-3000:]
-  assert "orl_test" in json.loads(out[out.index("{"):])["HR"]
   _stderr_ok(err)

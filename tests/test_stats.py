@@ -109,8 +109,9 @@ def _write_run(path, values):
 
 def test_report_cli_intervals_and_significance(tmp_path):
   """python -m askd_jax.report --out: the cells are mean [t interval] over the runs, the
-  differences paired within a run; askd (+2 points in every run) is bold, at (+-) is not."""
-  base = [0.80, 0.86, 0.90, 0.84]
+  differences paired within a run; askd (+2 points in each of 6 runs, sign-flip p = 2/64) is
+  bold, at (+-) is not."""
+  base = [0.80, 0.86, 0.90, 0.84, 0.82, 0.88]
   dirs = []
   for i, b in enumerate(base):
     wd = tmp_path / f"run{i}"
@@ -126,16 +127,18 @@ def test_report_cli_intervals_and_significance(tmp_path):
   assert r.stdout.strip() in md or "Student, A-SKD" in r.stdout
   summary = json.loads((out / "results.json").read_text())
   cell = next(c for c in summary["cells"] if c["method"] == "none" and c["metric"] == "accuracy")
-  half = sps.t.ppf(0.975, 3) * np.std(base, ddof=1) / 2
-  assert math.isclose(cell["lo"], np.mean(base) - half) and cell["n"] == 4
+  half = sps.t.ppf(0.975, 5) * np.std(base, ddof=1) / math.sqrt(6)
+  assert math.isclose(cell["lo"], np.mean(base) - half) and cell["n"] == 6
   d = {(x["method"], x["metric"]): x for x in summary["diffs"]}
   askd = d[("askd", "accuracy")]
-  assert math.isclose(askd["mean"], 0.0215) and askd["significant"]
+  assert math.isclose(askd["mean"], 0.0225) and askd["significant"]
+  # Holm over the table's 2 differences asks p <= 0.025, below what 6 runs can give
+  assert math.isclose(askd["p_signflip"], 2 / 64) and not askd["holm"]
   assert not d[("at", "accuracy")]["significant"]
   assert ("teacher", "accuracy") not in d
   # the unpaired spread of the runs (6 points) would hide askd's +2: pairing finds it
   assert stats.welch_difference([b + 0.02 for b in base], base).significant is False
-  assert "| Student, A-SKD | **+2.15 [" in md
+  assert "| Student, A-SKD | **+2.25 [" in md and "sign-flip p=0.031 |" in md
   assert "| Student, AT | +0.00 [" in md
   assert "TAR at FAR 1e-2" in md
   ratio = (askd["hi"] - askd["lo"]) / (askd["unpaired"]["hi"] - askd["unpaired"]["lo"])
@@ -177,3 +180,54 @@ def test_single_run_report_has_the_tar_table():
   assert "| Student, no distillation |  | 42.34 |" in tar
   assert "TAR" not in report.markdown_table([{k: v for k, v in r.items() if k != "tar_far1e-2"}
                                              for r in rows], {})
+
+
+def _summary(diffs_per_run, base=(0.80, 0.86, 0.90, 0.84, 0.82, 0.88, 0.85, 0.83)):
+  """summarize() over runs whose askd - none accuracy differences are `diffs_per_run`."""
+  runs = []
+  for i, d in enumerate(diffs_per_run):
+    rows = [{"method": m, "eval_resolution": "7", "set": "orl_test", "accuracy": acc}
+            for m, acc in (("none", base[i]), ("askd", base[i] + d))]
+    runs.append((f"run{i}", rows))
+  s = stats.summarize(runs)
+  return s, next(d for d in s["diffs"] if d["method"] == "askd")
+
+
+def test_runs_that_agree_exactly_are_not_evidence():
+  """Every run gives the same difference (accuracies on a 1/900 grid make this common at
+  2-4 runs): the t interval has zero width, which is no evidence. The exact paired sign-flip
+  test gives p = 2 / 2^n (0.25 with 3 runs), so the cell is not significant, Holm neither,
+  and the table prints no zero-width interval. Before the fix (p = 0 and "significant"
+  whenever the runs agreed) this test failed on every assertion about p and significance."""
+  s, d = _summary([1 / 900] * 3)
+  assert d["lo"] == d["hi"]  # the t interval has nothing to scale
+  assert math.isclose(d["p_signflip"], 0.25) and not d["significant"] and not d["holm"]
+  md = stats.markdown(s, {"none": "Student, no distillation", "askd": "Student, A-SKD"})
+  row = next(l for l in md.splitlines() if l.startswith("| Student, A-SKD | +"))
+  assert "[" not in row and "**" not in row and "\u2020" not in row, row
+  assert "all 3 runs equal" in row and "sign-flip p=0.250" in row
+  # no difference at all: p = 1
+  _, d = _summary([0.0] * 4)
+  assert d["p_signflip"] == 1.0 and not d["significant"]
+  # 6 runs that agree exactly: p = 2 / 64 < 0.05, the smallest n that can reach 5 %
+  _, d = _summary([1 / 900] * 6)
+  assert math.isclose(d["p_signflip"], 2 / 64) and d["significant"]
+  _, d = _summary([1 / 900] * 5)
+  assert math.isclose(d["p_signflip"], 2 / 32) and not d["significant"]
+
+
+def test_sign_flip_p_is_the_exact_enumeration():
+  """p = share of the 2^n sign patterns whose |mean| reaches the observed one (brute force);
+  the t interval excluding 0 alone no longer makes a cell significant with 4 runs."""
+  import itertools
+  rng = np.random.default_rng(4)
+  for n in (3, 4, 7):
+    d = rng.normal(0.01, 0.01, n)
+    obs = abs(d.mean())
+    flips = [abs((np.array(s) * d).mean()) >= obs - 1e-12
+             for s in itertools.product((1, -1), repeat=n)]
+    got = stats.paired_difference(d, np.zeros(n))
+    assert math.isclose(got.p_signflip, np.mean(flips)), (n, got.p_signflip, np.mean(flips))
+  # 4 runs whose t interval excludes 0: the sign-flip p cannot go below 2/16 = 0.125
+  s, d = _summary([0.010, 0.011, 0.012, 0.0105])
+  assert d["lo"] > 0 and math.isclose(d["p_signflip"], 0.125) and not d["significant"]

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import askd_jax
-from askd_jax import api
+from askd_jax import api, evalfile
 from askd_jax.data import orl
 from askd_jax.tools import embed as embed_cli
 from askd_jax.tools import export as export_cli
@@ -56,6 +56,11 @@ def _run(main, argv, capsys):
   return rc, out, err
 
 
+def _results(stage_dir):
+  """{resolution: {set: results}} of the run's own evaluation in STAGE/eval.json."""
+  return evalfile.read(os.path.join(stage_dir, evalfile.FILE))["evaluations"][0]["results"]
+
+
 def _one_line(err):
   lines = [l for l in err.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and "Traceback" not in err, err
@@ -76,8 +81,7 @@ def test_api_embeddings_are_the_evaluations(demo):
     assert model.input_size == cfg.data.image_size
     emb = model.embed(images, size=size)
     assert emb.shape == (len(images), 2 * model.spec["embedding_dim"]) and emb.dtype == np.float32
-    with open(os.path.join(workdir, stage, "eval.json")) as f:
-      want = json.load(f)[key]["orl_test"]["accuracy"]
+    want = _results(os.path.join(workdir, stage))[key]["orl_test"]["accuracy"]
     r = verification_accuracy(emb[pairs["idx1"]], emb[pairs["idx2"]], pairs["issame"])
     assert r["mean"] == pytest.approx(want, abs=1e-12), stage
     sims = model.similarity(emb[pairs["idx1"]], emb[pairs["idx2"]])
@@ -224,18 +228,52 @@ def test_embed_cli_list_file_and_errors(demo, tmp_path, capsys):
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_embed_cli_landmarks_aligns_raw_photos(demo, tmp_path, capsys):
+  """--landmarks: insightface-format photos + 5 points (an IJB fixture release) are aligned
+  at the model's input size and embedded; a bad line stops the run, a missing photo is
+  skipped naming its line."""
+  from askd_jax.data import align, fixtures
+  workdir, cfg, _ = demo
+  teacher = os.path.join(workdir, "teacher")
+  rel = fixtures.write_ijb_release(str(tmp_path), "ijbc", layout=fixtures.IJB_LAYOUT[:5])
+  photos = os.path.join(rel["root"], "loose_crop")
+  lm = os.path.join(rel["root"], "meta", "ijbc_name_5pts_score.txt")
+  out = tmp_path / "e.npz"
+  rc, _, err = _run(embed_cli.main, [f"--model={teacher}", f"--images={photos}",
+                                     f"--landmarks={lm}", f"--out={out}"], capsys)
+  assert rc == 0, err
+  paths = [os.path.join(photos, n) for n in rel["names"]]
+  crops = [align.model_crop(align.read_photo(p), e.points, cfg.data.image_size)
+           for p, e in zip(paths, align.read_landmarks(lm))]
+  with np.load(out) as z:
+    assert [str(p) for p in z["paths"]] == paths
+    _same_embeddings(z["embeddings"], askd_jax.load(teacher).embed(np.stack(crops)))
+  os.remove(paths[2])
+  rc, _, err = _run(embed_cli.main, [f"--model={teacher}", f"--images={photos}",
+                                     f"--landmarks={lm}", f"--out={tmp_path / 'm.npz'}"], capsys)
+  assert rc == 1 and err.startswith(f"skipped {lm} line 3: {paths[2]}: no such image file\n"), err
+  with np.load(tmp_path / "m.npz") as z:
+    assert [str(p) for p in z["skipped"]] == [paths[2]] and len(z["paths"]) == 4
+  bad = tmp_path / "bad.txt"
+  bad.write_text(open(lm).readline() + "2.jpg 1 2 3\n")
+  rc, _, err = _run(embed_cli.main, [f"--model={teacher}", f"--images={photos}",
+                                     f"--landmarks={bad}", f"--out={tmp_path / 'x.npz'}"], capsys)
+  assert rc == 1 and f"{bad} line 2: 3 values after the name '2.jpg'" in _one_line(err), err
+  assert not (tmp_path / "x.npz").exists()
+
+
 def _threshold_fixture(stage_dir, dest, d, size=None):
-  """A copy of a trained stage with the eval.json its run wrote ({resolution: {set:
-  {accuracy, std, threshold, ...}}}); the stored threshold must be the deploy threshold of
-  the API's own embeddings of the test pairs (the evaluation and the API agree)."""
+  """A copy of a trained stage with the eval.json its run wrote (its evaluation's
+  {resolution: {set: {accuracy, std, threshold, ...}}}); the stored threshold must be the
+  deploy threshold of the API's own embeddings of the test pairs (the evaluation and the API
+  agree)."""
   from askd_jax.evaluate.verification import deploy_threshold
   shutil.copytree(stage_dir, dest)
   model = askd_jax.load(dest)
   emb = model.embed(d["test_images"], size=size)
   p = d["pairs"]
   key = str(size) if size else "HR"
-  ev = json.loads((dest / "eval.json").read_text())
-  thr = ev[key]["orl_test"]["threshold"]
+  thr = _results(dest)[key]["orl_test"]["threshold"]
   assert thr == deploy_threshold(emb[p["idx1"]], emb[p["idx2"]], p["issame"])
   return model, emb, thr
 
@@ -243,7 +281,7 @@ def _threshold_fixture(stage_dir, dest, d, size=None):
 def test_verify_cli(demo, tmp_path, capsys):
   workdir, cfg, d = demo
   model, emb, thr = _threshold_fixture(os.path.join(workdir, "teacher"), tmp_path / "teacher", d)
-  acc = json.loads((tmp_path / "teacher" / "eval.json").read_text())["HR"]["orl_test"]["accuracy"]
+  acc = _results(tmp_path / "teacher")["HR"]["orl_test"]["accuracy"]
   people = sorted(set(d["test_person"].tolist()))
   paths = _orl_folder(tmp_path / "faces", d, people[:2], (1, 2), cfg.data.image_size)
   for a, b in ((paths[0], paths[1]), (paths[0], paths[2])):
@@ -259,14 +297,14 @@ def test_verify_cli(demo, tmp_path, capsys):
                                       "--threshold=2"], capsys)
   assert rc == 0 and "different people (threshold 2.0000 given by --threshold)" in out
   # no evaluation at this resolution / at all / without thresholds: one line, the fix
-  evaluated = ", ".join(k for k in json.loads((tmp_path / "teacher" / "eval.json").read_text())
-                        if not k.startswith("_"))
+  evaluated = ", ".join(_results(tmp_path / "teacher"))
   rc, _, err = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", "--size=9",
                                       paths[0], paths[1]], capsys)
   line = _one_line(err)
   assert rc == 1 and f"evaluated at {evaluated} but not at 9" in line and "--eval_sizes=9" in line
-  (tmp_path / "teacher" / "eval.json").write_text(json.dumps(
-      {"HR": {"orl_test": {"accuracy": 0.9, "std": 0.01}}}))
+  doc = evalfile.read(str(tmp_path / "teacher" / "eval.json"))
+  doc["evaluations"][0]["results"] = {"HR": {"orl_test": {"accuracy": 0.9, "std": 0.01}}}
+  (tmp_path / "teacher" / "eval.json").write_text(json.dumps(doc))
   rc, _, err = _run(verify_cli.main, [f"--model={tmp_path / 'teacher'}", paths[0], paths[1]],
                     capsys)
   assert rc == 1 and "holds no verification threshold" in _one_line(err)
@@ -322,12 +360,12 @@ def _close(got, want, tol=1e-5):
   return rel <= tol and np.max(np.abs(unit(got) - unit(want))) <= tol
 
 
-def _clean_python(tmp_path, args):
-  """Run _CLEAN in a python that cannot import askd_jax: -I (no cwd, no PYTHON* variables,
-  no user site) -S (no site: the editable install's path finder is never registered), with
-  site-packages added back as a plain directory for jax and numpy."""
+def _clean_python(tmp_path, args, code=None):
+  """Run `code` (default _CLEAN) in a python that cannot import askd_jax: -I (no cwd, no
+  PYTHON* variables, no user site) -S (no site: the editable install's path finder is never
+  registered), with site-packages added back as a plain directory for jax and numpy."""
   import site
-  code = _CLEAN.replace("SITE", repr(site.getsitepackages()[0]))
+  code = (code or _CLEAN).replace("SITE", repr(site.getsitepackages()[0]))
   env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
   control = subprocess.run([sys.executable, "-c", "import importlib.util; print("
                             "importlib.util.find_spec('askd_jax') is not None)"],

@@ -128,7 +128,8 @@ def letterbox(img: np.ndarray, size: int, pad_value: int = PAD_VALUE
 
 def load_detection_data(dcfg) -> Dict[str, Any]:
   """{'train': source, 'train_transforms': [...], 'val': callable -> iterator of
-  (name, image uint8 (H, W, 3), ImageGT), 'num_val': int, 'set': row prefix}."""
+  (name, image uint8 (H, W, 3), ImageGT), 'num_val': int, 'set': row prefix, and for a
+  prepared set 'val_dir': its builder directory}."""
   name = dcfg.name
   size, max_boxes = int(dcfg.image_size), int(dcfg.max_boxes)
   if name == "synthetic":
@@ -177,6 +178,6 @@ def load_detection_data(dcfg) -> Dict[str, Any]:
     transforms = [WiderTrainTransform(size, max_boxes, tuple(dcfg.crop_choice),
                                       dcfg.get("flip", True))]
     return {"train": train, "train_dir": b.data_dir, "train_transforms": transforms,
-            "val": val_items, "num_val": len(val), "set": "widerface"}
+            "val": val_items, "num_val": len(val), "set": "widerface", "val_dir": b.data_dir}
   raise ValueError(f"config.data.name={name!r} is unknown for detection; use widerface or "
                    "synthetic")

@@ -14,6 +14,17 @@ the image files decode to RGB, and askd_jax feeds RGB. The official PyTorch code
 with OpenCV and feeds BGR; converted official weights get their stem convolution's input
 channels reversed by the converter, so they expect RGB here too.
 
+JPEG round trip (`jpeg_roundtrip=True`, on in the `casia` and `tinyface` presets as
+`data.jpeg_roundtrip`; `reencode_jpeg`): the official `utility/load_images_from_bin.py` decodes every `.rec`
+record and `.bin` image, writes it with `cv2.imwrite(path.jpg, bgr)` (OpenCV's defaults:
+quality 95, 4:2:0 chroma subsampling, baseline, slow integer DCT) and its loaders read those
+files back with `cv2.imread`, so the official networks train and are evaluated on
+re-encoded JPEGs. `reencode_jpeg` does the same with Pillow (already a base dependency;
+OpenCV would add ~60 MB to the base install): Pillow's and OpenCV's wheels both bundle
+libjpeg-turbo and, with these settings, give the same pixels (docs/protocol.md: 0 of 3.9 M
+pixels differ; tests/test_face_builders.py checks against OpenCV itself). It runs on the
+decoded image at its stored size, before any resize, as the official export does.
+
 Corrupt images: at prepare time every image is decoded once (`on_corrupt='skip'` drops it
 and counts it in `builder.info.metadata['skipped_corrupt']`, `'error'` stops with a
 one-line error naming the record, `'keep'` skips the check); at load time `DecodeImages`
@@ -48,13 +59,27 @@ class CorruptImageError(ValueError):
 
 # ----------------------------------------------------------------------------- decoding
 
-def decode_image(data: bytes, size: Optional[int] = None, where: str = "image") -> np.ndarray:
-  """Encoded JPEG/PNG bytes -> uint8 (H, W, 3) RGB; resized (bilinear) to (size, size)."""
+def reencode_jpeg(rgb: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 3) RGB -> the same image written and read back as OpenCV's `imwrite(.jpg)`
+  + `imread` do (quality 95, 4:2:0, baseline, no Huffman optimisation), as uint8 RGB."""
+  buf = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(rgb, np.uint8), "RGB").save(
+      buf, format="JPEG", quality=95, subsampling="4:2:0", optimize=False, progressive=False)
+  with Image.open(io.BytesIO(buf.getvalue())) as im:
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(data: bytes, size: Optional[int] = None, where: str = "image",
+                 jpeg_roundtrip: bool = False) -> np.ndarray:
+  """Encoded JPEG/PNG bytes -> uint8 (H, W, 3) RGB; with `jpeg_roundtrip` re-encoded as the
+  official export does (`reencode_jpeg`), then resized (bilinear) to (size, size)."""
   try:
     with Image.open(io.BytesIO(data)) as im:
       im.load()
       if im.mode != "RGB":
         im = im.convert("RGB")
+      if jpeg_roundtrip:
+        im = Image.fromarray(reencode_jpeg(np.asarray(im)))
       if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
       return np.asarray(im, dtype=np.uint8)
@@ -82,6 +107,7 @@ class DecodeImages(grain.MapTransform):
   size: Optional[int] = 112
   on_corrupt: str = "error"
   drop: Sequence[str] = ("source",)
+  jpeg_roundtrip: bool = False  # the official export's JPEG re-encoding (`reencode_jpeg`)
 
   def __post_init__(self):
     if self.on_corrupt not in ("skip", "error"):
@@ -92,7 +118,7 @@ class DecodeImages(grain.MapTransform):
     out = {k: v for k, v in record.items() if k not in self.drop}
     try:
       for k in self.image_keys:
-        out[k] = decode_image(record[k], self.size, _where(record, k))
+        out[k] = decode_image(record[k], self.size, _where(record, k), self.jpeg_roundtrip)
     except CorruptImageError as e:
       if self.on_corrupt == "error":
         raise
@@ -111,10 +137,12 @@ class DropCorrupt(grain.FilterTransform):
 
 def decode_transforms(size: Optional[int] = 112, on_corrupt: str = "error",
                       image_keys: Sequence[str] = ("image",),
-                      drop: Sequence[str] = ("source",)) -> List[grain.Transformation]:
-  """The grain operations that turn stored records into {'image': uint8 HWC, 'label'...}."""
+                      drop: Sequence[str] = ("source",),
+                      jpeg_roundtrip: bool = False) -> List[grain.Transformation]:
+  """The grain operations that turn stored records into {'image': uint8 HWC, 'label'...};
+  `jpeg_roundtrip`: re-encode each image as the official export does (`reencode_jpeg`)."""
   ops: List[grain.Transformation] = [DecodeImages(tuple(image_keys), size, on_corrupt,
-                                                  tuple(drop))]
+                                                  tuple(drop), jpeg_roundtrip)]
   if on_corrupt == "skip":
     ops.append(DropCorrupt())
   return ops

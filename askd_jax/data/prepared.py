@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import tensorflow_datasets as tfds
 
@@ -71,25 +71,30 @@ def prepare_once(make: Callable[[], B], data_dir: str, lock_name: str,
 _IDENTITIES = {}  # (path, size, mtime_ns, inode) -> digest: each file is read once per process
 
 
-def prepared_identity(builder_dir: str) -> str:
-  """A 16-hex-digit content hash of a prepared tfds builder directory (`builder.data_dir`):
-  the names and bytes of its files (features.json and the record shards), not its path, and
-  not dataset_info.json (metadata, no records). Reads every byte once per process (about
-  1 GB/s); FileNotFoundError if the directory holds no file."""
-  names = sorted(n for n in os.listdir(builder_dir) if n != "dataset_info.json"
-                 and os.path.isfile(os.path.join(builder_dir, n)))
-  if not names:
-    raise FileNotFoundError(f"{builder_dir}: no prepared files")
+def prepared_identity(*builder_dirs: str, splits: Optional[Sequence[str]] = None) -> str:
+  """A 16-hex-digit content hash of prepared tfds builder directories (`builder.data_dir`),
+  in the order given: the names and bytes of their files (features.json and the record
+  shards; with `splits`, only those splits' shards), not their paths, and not
+  dataset_info.json (metadata, no records). Reads every byte once per process (300 MB in
+  1.0 s on a shared 2-core x86_64 VM); FileNotFoundError for a directory with no such file."""
+  def wanted(n):
+    return n != "dataset_info.json" and (splits is None or ".array_record-" not in n
+                                         or any(f"-{sp}.array_record-" in n for sp in splits))
   h = hashlib.blake2b(digest_size=8)
-  for n in names:
-    path = os.path.join(builder_dir, n)
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _IDENTITIES:
-      f_hash = hashlib.blake2b(digest_size=16)
-      with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-          f_hash.update(chunk)
-      _IDENTITIES[key] = f_hash.hexdigest()
-    h.update(f"{n}\0{_IDENTITIES[key]}\0".encode())
+  for d in builder_dirs:
+    names = sorted(n for n in os.listdir(d) if wanted(n) and os.path.isfile(os.path.join(d, n)))
+    if not names:
+      raise FileNotFoundError(f"{d}: no prepared files")
+    for n in names:
+      path = os.path.join(d, n)
+      st = os.stat(path)
+      key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+      if key not in _IDENTITIES:
+        f_hash = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+          for chunk in iter(lambda: f.read(1 << 20), b""):
+            f_hash.update(chunk)
+        _IDENTITIES[key] = f_hash.hexdigest()
+      h.update(f"{n}\0{_IDENTITIES[key]}\0".encode())
+    h.update(b"\1")  # where one directory ends
   return h.hexdigest()

@@ -42,15 +42,17 @@ class ChannelAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    b, c = x.shape[0], x.shape[-1]
+    c = x.shape[-1]
     hidden = max(c // self.reduction, 1)
     dense = lambda f, name: nn.Dense(f, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                                      kernel_init=nn.initializers.xavier_uniform(), name=name)
-    # One matmul for both pooled vectors: (2B, C) -> (2B, C/r) -> (2B, C).
+    # One matmul for both pooled vectors: (2, B, C) -> (2, B, C/r) -> (2, B, C). Stacked on a
+    # new axis, not concatenated on the batch axis and sliced at B: jax2onnx
+    # (tools/onnx_export.py) mislabels the shape of a symbolic batch's concat and slices.
     avg = (ops.spatial_sum(x, cpu=self.cpu_ops) / (x.shape[1] * x.shape[2])).astype(x.dtype)
-    pooled = jnp.concatenate([avg, ops.spatial_max(x, cpu=self.cpu_ops)], axis=0)
+    pooled = jnp.stack([avg, ops.spatial_max(x, cpu=self.cpu_ops)])
     h = dense(c, "fc2")(nn.relu(dense(hidden, "fc1")(pooled)))
-    att = (h[:b] + h[b:]).astype(jnp.float32)  # (B, C), pre-sigmoid
+    att = (h[0] + h[1]).astype(jnp.float32)  # (B, C), pre-sigmoid
     return gate_channels(x, jax.nn.sigmoid(att), self.cpu_ops), att
 
 

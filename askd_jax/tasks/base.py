@@ -126,3 +126,9 @@ class Task:
   # --- evaluation ------------------------------------------------------------------------
   def evaluate(self, model, variables, stage, sizes) -> Dict[str, Any]:
     raise NotImplementedError
+
+  def eval_data_identity(self) -> str | None:
+    """The content identity of the prepared data the evaluation reads
+    (`data.prepared.prepared_identity`), part of the eval.json cache key; None where the
+    config alone fixes the data (generated sets)."""
+    return None

@@ -134,6 +134,13 @@ class ClassificationTask(Task):
 
     return counts, ks
 
+  def eval_data_identity(self) -> str:
+    """`prepared_identity` of the evaluation splits' records."""
+    from askd_jax.data.prepared import prepared_identity
+    ev = self.data["eval"]
+    return prepared_identity(*dict.fromkeys(s.dataset_info.data_dir for s in ev.values()),
+                             splits=list(ev))
+
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
     """{'<split> top-<k>': {'accuracy', 'std': None, 'count'}} for every eval split and k."""
     from askd_jax.data import imagenet, pipeline

@@ -252,6 +252,13 @@ class DetectionTask(Task):
       flush(step)
     return preds, gts
 
+  def eval_data_identity(self):
+    """`prepared_identity` of WIDER FACE's validation records; None for the synthetic set
+    (its config fixes it)."""
+    from askd_jax.data.prepared import prepared_identity
+    d = self.data.get("val_dir")
+    return prepared_identity(d, splits=("validation",)) if d else None
+
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
     """{'<set>_<difficulty>': {'accuracy': AP, 'std': None, 'count': images}}."""
     preds, gts = self.predictions(model, variables, sizes)

@@ -102,10 +102,29 @@ class FaceRecTask(Task):
       return self._eval_sets
     return self.data
 
+  def eval_data_identity(self) -> str:
+    """`prepared_identity` of the prepared sets the evaluation reads (ORL's demo build, or
+    the verification sets and TinyFace), whatever data_dir holds them."""
+    from askd_jax.data.prepared import prepared_identity
+    dcfg = self.cfg.data
+    if dcfg.name == "orl":
+      from askd_jax.data import orl
+      return prepared_identity(orl.prepare(dcfg.get("data_dir") or None, dcfg.image_size).data_dir)
+    from askd_jax.data import faces
+    data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
+    sources = [(n, "test") for n in _verification_names(dcfg)]
+    sources += [("tinyface", sp) for sp in ("probe", "gallery")] if dcfg.get("tinyface") else []
+    dirs = [faces.data_source(n, sp, data_dir).dataset_info.data_dir for n, sp in sources]
+    return prepared_identity(*dict.fromkeys(dirs), splits={sp for _, sp in sources})
+
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
     """Per set {'accuracy', 'std'} (10-fold, official) and, for verification sets, the
-    'threshold' of `verification.deploy_threshold` and 'tar_far1e-2'; TinyFace rank-k as tinyface_rankK."""
+    'threshold' of `verification.deploy_threshold` and 'tar_far1e-2'; TinyFace rank-k as
+    tinyface_rankK. One resolution: `sizes` is () (HR) or one LR size."""
     from askd_jax.evaluate import identification, verification
+    if len(sizes) > 1:
+      raise ValueError(f"sizes={tuple(sizes)}: evaluate one size at a time "
+                       "(experiment.one_size_each)")
     data = self.eval_data()
     batch = self.cfg.eval.get("batch_size", 64)
     results = {}
@@ -120,16 +139,23 @@ class FaceRecTask(Task):
                              "tar_far1e-2": verification.tar_at_far(e1, e2, vs["issame"], 1e-2),
                              "seconds": time.time() - t}
     if "tinyface" in data:
-      # Native low-resolution images, never degraded whatever the student's size
-      # (official test_tinyface.py); flip-averaged, L2-normalised, gallery with distractors.
       tf = data["tinyface"]
-      emb = {sp: identification.flip_average(
-          self.embeddings(model, variables, d["image"], (), batch=batch)) for sp, d in tf.items()}
+      emb = self.tinyface_embeddings(model, variables, batch)
       r = identification.rank_k(emb["probe"], tf["probe"]["label"], emb["gallery"],
                                 tf["gallery"]["label"])
       for k, v in r.items():
         results[f"tinyface_{k}"] = {"accuracy": float(v), "std": None}
     return results
+
+
+  def tinyface_embeddings(self, model, variables, batch: int = 64) -> Dict[str, np.ndarray]:
+    """{'probe', 'gallery'}: (N, D) embeddings `evaluate` ranks (rank_k L2-normalises them).
+    Native low-resolution images, never degraded whatever the student's size (official
+    test_tinyface.py); (f(x) + f(flip x)) / 2."""
+    from askd_jax.evaluate import identification
+    return {sp: identification.flip_average(self.embeddings(model, variables, d["image"], (),
+                                                            batch=batch))
+            for sp, d in self.eval_data()["tinyface"].items()}
 
 
 def load_face_data(dcfg) -> Dict[str, Any]:
@@ -147,14 +173,14 @@ def load_face_data(dcfg) -> Dict[str, Any]:
   return _load_real_face_data(dcfg)
 
 
-def _decode_all(source, keys, size):
+def _decode_all(source, keys, size, jpeg_roundtrip=False):
   from askd_jax.data.faces import decode_image
   out = {k: [] for k in keys}
   rest = {}
   for i in range(len(source)):
     r = source[i]
     for k in keys:
-      out[k].append(decode_image(r[k], size, f"record {i} [{k}]"))
+      out[k].append(decode_image(r[k], size, f"record {i} [{k}]", jpeg_roundtrip))
     for k, v in r.items():
       if k not in keys:
         rest.setdefault(k, []).append(v)
@@ -176,8 +202,16 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
     raise ValueError(f"{b.data_dir}: the prepared set records no num_classes; prepare it again "
                      "with python -m askd_jax.data.prepare")
   return {"train": train, "train_dir": b.data_dir, "num_classes": num_classes,
-          "train_transforms": faces.decode_transforms(size, dcfg.get("on_corrupt", "error")),
+          "train_transforms": faces.decode_transforms(
+              size, dcfg.get("on_corrupt", "error"),
+              jpeg_roundtrip=dcfg.get("jpeg_roundtrip", False)),
           **_load_eval_sets(dcfg)}
+
+
+def _verification_names(dcfg):
+  names = dcfg.get("verification", ())
+  names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
+  return [n.strip() for v in names for n in str(v).split(",") if n.strip()]
 
 
 def _load_eval_sets(dcfg) -> Dict[str, Any]:
@@ -186,10 +220,9 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
   data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
   size = dcfg.image_size
   ver = []
-  names = dcfg.get("verification", ())
-  names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
-  for name in [n.strip() for v in names for n in str(v).split(",") if n.strip()]:
-    d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size)
+  for name in _verification_names(dcfg):
+    d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size,
+                    dcfg.get("jpeg_roundtrip", False))  # official: .bin -> imwrite -> imread
     n = len(d["is_same"])
     images = np.empty((2 * n,) + d["image1"].shape[1:], np.uint8)
     images[0::2], images[1::2] = d["image1"], d["image2"]
@@ -199,7 +232,9 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
   out = {"verification": ver}
   if dcfg.get("tinyface"):
     # Decoded at the model's input size: AdaFace's aligned TinyFace is already 112x112, so
-    # at the paper's size this is no resize (and never a student degradation).
+    # at the paper's size this is no resize (and never a student degradation). Never JPEG
+    # round-tripped: the official test reads TinyFace's own files (data.jpeg_roundtrip is
+    # for the .rec / .bin sets the official export re-encodes).
     out["tinyface"] = {sp: _decode_all(faces.data_source("tinyface", sp, data_dir), ("image",),
                                        size) for sp in ("probe", "gallery")}
   return out

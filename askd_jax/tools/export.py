@@ -1,7 +1,11 @@
-"""Export a face model as one portable file: StableHLO with its parameters, via jax.export.
+"""Export a face model as one portable file: StableHLO with its parameters, via jax.export,
+or an ONNX model (--format=onnx: onnxruntime and the runtimes that start from ONNX;
+tools/onnx_export.py).
 
     python -m askd_jax.tools.export --model=DIR --out=model.jaxexport [--size=14]
         [--platforms=cpu,cuda] [--overwrite]
+    python -m askd_jax.tools.export --model=DIR --format=onnx --out=model.onnx
+        [--embedding=flip_concat|plain] [--size=14] [--opset=18] [--fold_bn] [--overwrite]
 
 The file holds the eval-mode embedder, uint8 (batch, S, S, 3) RGB -> float32 (batch, 2D)
 concat(emb(x), emb(flip x)), with the batch dimension symbolic and the parameters baked in
@@ -38,7 +42,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--platforms", default="cpu", help="comma-separated platforms the file runs "
                  "on: cpu, cuda, rocm, tpu")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument("--format", choices=("jax", "onnx"), default="jax", help="jax: a jax.export "
+                 "file (default); onnx: an ONNX model (needs requirements-deploy.txt)")
+  p.add_argument("--embedding", choices=("flip_concat", "plain"), default="flip_concat",
+                 help="onnx: concat(emb(x), emb(flip x)) as the evaluation (default) or emb(x)")
+  p.add_argument("--opset", type=int, default=18, help="onnx: the ONNX opset, 18..23")
+  p.add_argument("--fold_bn", action="store_true", help="onnx: fold BatchNorm and constants "
+                 "into the convolutions (onnxruntime's basic graph optimisations)")
   args = p.parse_args(argv)
+  if args.format == "jax" and (args.embedding != "flip_concat" or args.opset != 18
+                               or args.fold_bn):
+    p.error("--embedding, --opset and --fold_bn are options of --format=onnx")
   from askd_jax import api
   return api.run_cli(PROG, lambda: _export(args))
 
@@ -46,6 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _export(args) -> int:
   from askd_jax import api
   from askd_jax.tools.paths import check_output
+  if args.format == "onnx":
+    from askd_jax.tools import onnx_export
+    check_output("--out", args.out, overwrite=args.overwrite)  # before any work
+    return onnx_export.run_cli(args)
   out = args.out
   side = out + api.SIDECAR_SUFFIX
   check_output("--out", out, overwrite=args.overwrite, extra=(side,))  # before any work

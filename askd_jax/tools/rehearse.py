@@ -299,8 +299,12 @@ def rehearse(preset: str, out: str, steps: int = 2, batch: int = 2, eval_batch: 
     report["runs"]["tinyface evaluation"] = run
     if run["rc"]:
       raise RehearsalError(f"the TinyFace evaluation failed (rc {run['rc']}): {_tail(run['log'])}")
-    with open(os.path.join(workdir, "teacher", "eval.json")) as f:
-      report["tinyface"] = json.load(f)["24"]
+    from askd_jax import evalfile
+    entry, why = evalfile.select(evalfile.read(os.path.join(workdir, "teacher", evalfile.FILE)),
+                                 name="tinyface")
+    if entry is None or "24" not in entry["results"]:
+      raise RehearsalError(f"the TinyFace evaluation left no results at 24 px: {why}")
+    report["tinyface"] = entry["results"]["24"]
 
   if verify_resume:
     ref = os.path.join(out, "reference")
