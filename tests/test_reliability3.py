@@ -193,22 +193,28 @@ def test_embed_cli_embeds_a_16_bit_crop_as_its_8_bit_copy(tiny_facerec_run, tmp_
 
 # --- 4. output paths checked before the work -------------------------------------------------
 
-@pytest.mark.parametrize("tool", ["embed", "export", "convert", "report"])
+@pytest.mark.parametrize("tool", ["embed", "export", "convert", "report", "align"])
 def test_tools_check_the_output_path_before_any_work(tiny_facerec_run, tmp_path, tool):
   """Issue 33 case 4: an output under a file (so no folder can be made there) is refused first,
   in one line naming --out, exit 1. Before the fix embed embedded every image and then failed
-  naming its temporary file; export exported first; seen failing for embed and export."""
+  naming its temporary file; export exported first; seen failing for embed and export. align
+  aligned its first face before failing on its temporary folder; seen failing too."""
   src, _, _ = tiny_facerec_run
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   out = blocker / "sub" / "x"
   teacher = f"{src}/teacher"
+  Image.new("RGB", (112, 112), (128, 100, 90)).save(tmp_path / "face.png")  # for align
+  marks = tmp_path / "marks.txt"
+  marks.write_text("face.png 38.3 51.7 73.5 51.5 56.0 71.7 41.5 92.4 70.7 92.2\n")
   args = {"embed": ("askd_jax.tools.embed", f"--model={teacher}", f"--images={src}",
                     f"--out={out}.npz"),
           "export": ("askd_jax.tools.export", f"--model={teacher}", f"--out={out}.jaxexport"),
           "convert": ("askd_jax.tools.convert", f"--net={tmp_path / 'absent.ckpt'}",
                       f"--out={out}"),
-          "report": ("askd_jax.report", "--out", str(out), str(src))}[tool]
+          "report": ("askd_jax.report", "--out", str(out), str(src)),
+          "align": ("askd_jax.tools.align", f"--images={tmp_path}", f"--landmarks={marks}",
+                    f"--out={out}")}[tool]
   r = _tool(*args)
   assert r.returncode == 1, (r.returncode, r.stderr)
   (line,) = _err_lines(r.stderr)
