@@ -88,11 +88,31 @@ def read_image(path: Union[str, os.PathLike], input_size: int) -> np.ndarray:
   try:
     with Image.open(path) as im:
       im.load()
-      a = np.asarray(im.convert("RGB"), np.uint8)
-  except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+      a = _to_rgb8(im, path)
+  except (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+          Image.DecompressionBombError) as e:
+    if isinstance(e, ImageError):
+      raise
     msg = str(e).splitlines()[0] if str(e) else ""
     raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {msg[:120]})") from None
   return as_face(a, input_size, path)
+
+
+def _to_rgb8(im, path: str) -> np.ndarray:
+  """uint8 RGB pixels of a decoded PIL image. PIL's convert("RGB") clips 16-bit grey
+  (mode I;16*) to 255 instead of scaling it: those are scaled here (65535 -> 255); 48-bit RGB
+  PNGs already decode to 8-bit RGB (the high bytes), palette and grey+alpha images convert
+  as they are. 32-bit integer or float pixels (modes I, F: TIFF) have no known white level
+  and are refused."""
+  if im.mode.startswith("I;16"):
+    a = np.asarray(im).astype(np.float32) * (255.0 / 65535.0)
+    g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return np.repeat(g[:, :, None], 3, axis=2)
+  if im.mode in ("I", "F"):
+    raise ImageError(f"{path}: {'32-bit float' if im.mode == 'F' else '32-bit integer'} "
+                     "pixels, whose white level is unknown; save the crop as an 8- or 16-bit "
+                     "PNG or a JPEG")
+  return np.asarray(im.convert("RGB"), np.uint8)
 
 
 def list_images(source: Union[str, os.PathLike]) -> List[str]:
@@ -516,12 +536,14 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
   """Run a tool's body; a user error becomes one line on stderr and exit code 1."""
   import logging
   import sys
+  from askd_jax.tools.paths import OutputPathError
   from askd_jax.train.state_io import CheckpointError
   for name in ("absl", "orbax", "jax._src.xla_bridge"):  # orbax's notes on read-only loads
     logging.getLogger(name).setLevel(logging.ERROR)
   try:
     return body()
-  except (ModelError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+  except (ModelError, OutputPathError, CheckpointError, FileNotFoundError,
+          FileExistsError) as e:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"{prog}: error: {msg}", file=sys.stderr)
     return 1

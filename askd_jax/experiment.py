@@ -197,7 +197,7 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
     if key not in cache:
       stop.at("evaluate", f"{os.path.basename(stage_dir.rstrip('/'))} {key}")
       t = time.time()
-      with _stop_between_batches(task):
+      with _stop_between_batches(task, f"{os.path.basename(stage_dir.rstrip('/'))} {key}"):
         res = task.evaluate(model, variables, sizes)
       # Timings go to events.jsonl only: eval.json and the results stay deterministic.
       loop.record(stage_dir, event="eval", resolution=key, seconds=time.time() - t,
@@ -216,8 +216,8 @@ def evaluate_stage(task, cfg, stage_dir: str, sizes_list) -> Dict[str, Any]:
 class _stop_between_batches:
   """Evaluation embeds batch after batch through `task.embed_fn`: a safe point before each."""
 
-  def __init__(self, task):
-    self.task = task
+  def __init__(self, task, what: str = ""):
+    self.task, self.what = task, what  # named in the stop message: "teacher HR"
 
   def __enter__(self):
     make = getattr(self.task, "embed_fn", None)
@@ -228,7 +228,7 @@ class _stop_between_batches:
       f = make(*a, **k)
 
       def checked(*args, **kw):
-        stop.at("eval_batch", quiet=True)
+        stop.at("eval_batch", self.what, quiet=True)
         return f(*args, **kw)
       return checked
     self.task.embed_fn = embed_fn

@@ -47,9 +47,21 @@ def _config_arg() -> str:
               "configs/facerec.py")
 
 
+def _no_config_file(reason: str) -> str:
+  """The line for a --config file that cannot be read; a relative path is read from the
+  current folder, which is named."""
+  path = _config_arg().split(":", 1)[0]
+  where = "" if os.path.isabs(path) else f" (relative to the current folder {os.getcwd()})"
+  return (f"--config: {reason}{where}; give an existing config file, e.g. "
+          "--config=configs/facerec.py")
+
+
 def _flag_error(e: BaseException) -> str:
   """One line from a flag/config parsing error (ml_collections embeds the config file's
   traceback in its message: keep the flag and the exception's last line)."""
+  missing = re.search(r"earlier failure to load.*?(\[Errno \d+\][^\n]*)", str(e), re.S)
+  if missing:  # a --config.* override applied to a config file that could not be read
+    return _no_config_file(missing.group(1).strip())
   if isinstance(e, (AttributeError, KeyError)):  # --config.a.b=v naming no field
     text = str(e).replace("\\", "")
     key = re.search(r"'(\w+)'", text)
@@ -120,8 +132,7 @@ def main(argv):
   try:
     cfg.get("task")  # ml_collections defers a missing config file's error to first use
   except OSError as e:
-    _fail(f"--config: {str(e).strip().splitlines()[-1].strip()}; give an existing config "
-          "file, e.g. --config=configs/facerec.py")
+    _fail(_no_config_file(str(e).strip().splitlines()[-1].strip()))
   workdir = _WORKDIR.value or os.path.join("workdir", f"{cfg.task}_{cfg.get('preset', 'run')}")
   for h in logging.getLogger().handlers:  # the terminal: warnings and errors (INFO: run.log)
     if h.level == logging.NOTSET:
@@ -170,6 +181,11 @@ def _evaluate_only(cfg) -> None:
   except (FileNotFoundError, ValueError) as e:
     msg = str(e)
     raise UsageError(f"--evaluate={msg}" if msg.startswith(path) else msg) from None
+  side = read_spec(path).get("input_size") or cfg.get("data", {}).get("image_size")
+  bad = [s for s in sizes if not 1 <= s <= (side or s)]
+  if bad:
+    raise UsageError(f"--eval_sizes={_SIZES.value}: {bad[0]} px is outside [1, {side}], the "
+                     f"input size of {path}; give sizes up to {side} (empty: high resolution)")
   print(json.dumps(experiment.evaluate(cfg, path, sizes), indent=2))
 
 

@@ -1,7 +1,6 @@
 """results.json, results.md (methods x resolutions, as the paper's tables) and a plot."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List
 
@@ -14,11 +13,10 @@ METHOD_NAMES = {"teacher": "Teacher (HR-trained)", "none": "Student, no distilla
 
 def write_report(workdir: str, rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
   """rows: {method, eval_resolution, set, accuracy, std, stage}. Returns the markdown table."""
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=2, sort_keys=True)
+  from askd_jax.workdir import write_json, write_text
+  write_json(os.path.join(workdir, "results.json"), {"meta": meta, "rows": rows})
   md = markdown_table(rows, meta)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(md)
+  write_text(os.path.join(workdir, "results.md"), md)
   try:
     plot(rows, os.path.join(workdir, "results.png"), meta.get("ylabel"))
   except Exception as e:  # a missing plotting backend must not lose the results
@@ -97,16 +95,38 @@ def aggregate_runs(workdirs: List[str], out_dir: str | None = None) -> str:
   return stats.markdown(stats.summarize(stats.load_runs(workdirs)), METHOD_NAMES)
 
 
-if __name__ == "__main__":
+USAGE = ("usage: python -m askd_jax.report [--out DIR] WORKDIR [WORKDIR ...]  (mean [95 % CI] "
+         "over runs, paired differences to `none`)")
+
+
+def main(argv) -> int:
+  """The CLI: one `error: ` line on stderr, exit 1 for an unreadable run, 2 for usage."""
   import sys
-  args = sys.argv[1:]
+  from askd_jax import stats
+  from askd_jax.tools.paths import OutputPathError, check_output
+  args = list(argv)
   out = None
   if args[:1] == ["--out"] and len(args) > 1:
     out, args = args[1], args[2:]
-  if not args:
-    raise SystemExit("usage: python -m askd_jax.report [--out DIR] WORKDIR [WORKDIR ...]  "
-                     "(mean [95 % CI] over runs, paired differences to `none`)")
+  if not args or any(a.startswith("-") for a in args):
+    print(USAGE, file=sys.stderr)
+    return 2
   try:
+    if out:
+      check_output("--out", out, directory=True)
     print(aggregate_runs(args, out))
-  except FileNotFoundError as e:
-    raise SystemExit(f"error: {e}")
+  except stats.SameRunError as e:  # the arguments name one run twice: usage
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except OutputPathError as e:  # as the other tools: an unwritable place is a run-time failure
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except (OSError, ValueError) as e:
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main(sys.argv[1:]))

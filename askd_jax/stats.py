@@ -138,16 +138,68 @@ def res_key(r: str) -> tuple:
   return (0, 0) if r == "HR" else (1, -int(str(r).split("/")[0]))
 
 
-def load_runs(workdirs: Iterable[str]) -> List[Tuple[str, List[Dict[str, Any]]]]:
-  """[(workdir, rows)] from each workdir's results.json."""
-  out = []
+class SameRunError(ValueError):
+  """Two of the workdirs given are one run or one experiment (same config and seed)."""
+
+
+def distinct_runs(workdirs: Iterable[str]) -> List[str]:
+  """The workdirs, each run once: a workdir named twice (W and W/, a link) is kept once;
+  two workdirs holding the same experiment (the same config hash in config.json, seed and
+  split included, and the same training data: a copy, or the same command run twice) are a
+  SameRunError, since averaging them counts one result twice."""
+  out, real, hashes = [], set(), {}
   for wd in workdirs:
+    r = os.path.realpath(wd)
+    if r in real:
+      continue
+    real.add(r)
+    out.append(wd)
+    try:
+      with open(os.path.join(wd, "config.json")) as f:
+        h = json.load(f).get("config_hash")
+    except (OSError, ValueError, AttributeError):
+      h = None
+    data = _train_data(wd)
+    same = [w for w, d in hashes.get(h, []) if None in (d, data) or d == data]
+    if h is not None and same:  # a run whose stages record no data is taken as the same
+      raise SameRunError(f"{same[0]} and {wd} hold the same experiment (config hash {h}: "
+                         "same config, seed and split, and the same training data), so "
+                         "averaging them would count one result twice; leave one out, or give "
+                         "runs of other seeds (--config.seed=N) or splits")
+    if h is not None:
+      hashes.setdefault(h, []).append((wd, data))
+  return out
+
+
+def _train_data(workdir: str):
+  """The content hash of the training data a run's first finished stage recorded (where the
+  data lives is not in the config hash), or None."""
+  for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
+    try:
+      with open(os.path.join(workdir, name, "model.json")) as f:
+        return (json.load(f).get("train_data") or {}).get("identity")
+    except (OSError, ValueError, AttributeError):
+      continue
+  return None
+
+
+def load_runs(workdirs: Iterable[str]) -> List[Tuple[str, List[Dict[str, Any]]]]:
+  """[(workdir, rows)] from each distinct run's results.json (`distinct_runs`)."""
+  out = []
+  for wd in distinct_runs(workdirs):
     path = os.path.join(wd, "results.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} does not exist: that run has not finished; run its "
                               "command again to resume it, or leave the workdir out")
     with open(path) as f:
-      out.append((wd, json.load(f)["rows"]))
+      try:
+        rows = json.load(f)["rows"]
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a run's results ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); run that run's command "
+                         "again to write it anew (it only re-evaluates finished stages), or "
+                         "leave the workdir out") from None
+    out.append((wd, rows))
   return out
 
 
@@ -296,16 +348,17 @@ def plot(summary: Dict[str, Any], path: str, method_names: Dict[str, str]) -> No
 def write_report(out_dir: str, workdirs: Sequence[str], method_names: Dict[str, str],
                  title: str = "Results over runs", notes: Sequence[str] = ()) -> str:
   """results.json / results.md / results.png in out_dir from the runs' results.json."""
-  summary = summarize(load_runs(workdirs))
+  runs = load_runs(workdirs)
+  workdirs = [w for w, _ in runs]
+  summary = summarize(runs)
   md = "\n".join([f"# {title}", "", *notes, *([""] if notes else []),
                   f"Runs ({len(workdirs)}): " + ", ".join(
                       f"`{os.path.relpath(w, out_dir)}`" for w in workdirs), "",
                   markdown(summary, method_names)])
+  from askd_jax.workdir import write_json, write_text
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(md)
+  write_json(os.path.join(out_dir, "results.json"), summary)
+  write_text(os.path.join(out_dir, "results.md"), md)
   try:
     plot(summary, os.path.join(out_dir, "results.png"), method_names)
   except Exception as e:  # a missing plotting backend must not lose the results

@@ -12,28 +12,41 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import time
 from typing import Any, Optional
 
 LOCK_FILE = ".lock"
+log = logging.getLogger(__name__)
 
 
 class WorkdirError(RuntimeError):
   """The workdir is in use or holds another config's run (exit status 1)."""
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write; nothing is left behind when it fails (e.g. the disk is full)."""
+def _write_atomic(path: str, write) -> None:
+  """The old file or the whole new one, never a part; nothing is left behind when the write
+  fails (e.g. the disk is full)."""
   tmp = path + ".tmp"
   try:
     with open(tmp, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
+      write(f)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_text(path: str, text: str) -> None:
+  """Atomic text write (`_write_atomic`)."""
+  _write_atomic(path, lambda f: f.write(text))
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (`_write_atomic`)."""
+  _write_atomic(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
 
 
 def _alive(pid: int) -> bool:
@@ -61,6 +74,9 @@ class Lock:
     """Take the lock; returns a line to print when it took over a dead process's lock."""
     import fcntl
     os.makedirs(self.workdir, exist_ok=True)
+    if os.path.isdir(self.path):
+      raise WorkdirError(f"{self.path} is a folder, but it must be the workdir's lock file; "
+                         f"remove it (rm -r {self.path}) and run the same command again")
     f = open(self.path, "a+")
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -82,9 +98,10 @@ class Lock:
     f.flush()
     self._f = f
     if left.isdigit() and int(left) != os.getpid():
-      state = "no longer running" if not _alive(int(left)) else "no longer holding it"
-      return (f"took over the lock {self.path} left by process {left}, which is {state} "
-              "(a killed run); resuming")
+      state = ("no longer running (a killed run)" if not _alive(int(left)) else
+               "not holding it (a killed run whose pid now names another process, or a run "
+               "in another container or on another machine that has ended)")
+      return f"took over the lock {self.path} left by process {left}, which is {state}; resuming"
     return None
 
   def release(self) -> None:
@@ -119,24 +136,37 @@ def _stage_dirs(workdir: str):
 def guard(workdir: str, cfg, overwrite: bool, lock: Optional[Lock] = None) -> None:
   """Refuse to mix two configs' runs in one workdir unless asked to start afresh; writes
   config.json only after every check passed."""
-  from askd_jax.train.loop import StageConfigError, cfg_hash, check_stage_config
+  from askd_jax.train.loop import (StageConfigError, cfg_hash, cfg_hashes,
+                                   check_stage_config, config_changes, hashed_config)
   path = os.path.join(workdir, "config.json")
   mine = {"config_hash": cfg_hash(cfg), "config": json.loads(cfg.to_json_best_effort())}
+  fields = hashed_config(cfg)
   problem = None
+  old = None
   if os.path.exists(path):
     with open(path) as f:
       try:
         old = json.load(f)
-      except json.JSONDecodeError:
-        old = {"config_hash": "unreadable"}
-    if old.get("config_hash") != mine["config_hash"]:
-      problem = (f"{workdir} holds a run with another config (hash {old.get('config_hash')} vs "
-                 f"{mine['config_hash']}); use another --workdir, or pass --overwrite to move "
-                 "the old run aside and start afresh")
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict) or "config_hash" not in old:
+      # Cut short or edited: each stage records its own config hash and is checked below,
+      # so the file is written again rather than blocking the run.
+      log.warning("%s is unreadable; checking the stages' own config records instead and "
+                  "writing it again", path)
+      old = None
+  if old is not None:
+    if old.get("config_hash") not in cfg_hashes(cfg):
+      changed = config_changes(old.get("config"), fields)
+      what = (f"changed: {changed}" if changed
+              else f"hash {old.get('config_hash')} vs {mine['config_hash']}")
+      problem = (f"{workdir} holds a run with another config ({what}); run it with the "
+                 "values it was trained with, use another --workdir, or pass --overwrite to "
+                 "move the old run aside and start afresh")
   if problem is None:
     for d in _stage_dirs(workdir):  # config.json may be gone; each stage knows its config
       try:
-        check_stage_config(d, mine["config_hash"])
+        check_stage_config(d, cfg_hashes(cfg), fields)
       except StageConfigError as e:
         problem = str(e)
         break

@@ -137,6 +137,7 @@ LONG_FIRST = [
     "test_reliability.py",         # `ref_run`, `interrupted`, the CLI cases: 280 s
     "test_multihost.py",           # `runs`: 3 multi-process phases, 270 s
     "test_sharding.py",            # `equiv`: 1 vs 4 devices, 250 s
+    "test_reliability3.py",        # CLI re-runs of tiny_facerec_run copies: 226 s alone
     "test_signals.py",             # 205 s
     "test_detection_task.py",      # 200 s
     "test_main.py",                # tiny_facerec_run: 110 s

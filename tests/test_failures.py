@@ -154,8 +154,8 @@ def test_done_stage_is_checked_against_its_own_config_when_config_json_is_gone(t
   w = tmp_path / "w"
   _fake_done_stage(w, "teacher", cfg_hash(a))
   with pytest.raises(WorkdirError, match=rf"{w}/teacher was trained with another config \(hash "
-                     rf"{cfg_hash(a)}, recorded in {w}/teacher/model.json; this run's is "
-                     rf"{cfg_hash(b)}\).*--overwrite"):
+                     rf"{cfg_hash(a)}, this run's is {cfg_hash(b)}; recorded in "
+                     rf"{w}/teacher/model.json\).*--overwrite"):
     experiment.guard_workdir(str(w), b, overwrite=False)
   assert not (w / "config.json").exists()  # nothing written
   experiment.guard_workdir(str(w), a, overwrite=False)  # the original config goes on

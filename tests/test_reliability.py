@@ -398,7 +398,13 @@ def test_student_resume_refuses_a_changed_teacher(ref_run, common, tmp_path):
   shutil.copytree(ref_run, w)
   for f in ("DONE", "eval.json"):  # the student stage is unfinished again
     (w / STAGES[1] / f).unlink()
-  shutil.rmtree(w / "teacher" / "checkpoints" / str(STEPS))  # an older teacher now loads
+  # An older teacher now loads: its final step is gone and its model.json, like one written
+  # before model.json named the final step, has no trained_steps (with them, the finished
+  # teacher is refused instead: tests/test_reliability3.py, issue 33 case 1).
+  spec = json.loads((w / "teacher" / "model.json").read_text())
+  del spec["trained_steps"]
+  (w / "teacher" / "model.json").write_text(json.dumps(spec))
+  shutil.rmtree(w / "teacher" / "checkpoints" / str(STEPS))
   rc, out, err = run_cli(_cmd(w, common), tmp_path, "changed")
   assert rc == 1, err[-3000:]
   line = one_error_line(err)
@@ -428,8 +434,8 @@ def test_other_config_without_config_json_is_refused_and_writes_nothing(ref_run,
   rc, out, err = run_cli(_cmd(w, common, "--config.model.width=0.25"), tmp_path, "other")
   assert rc == 1, err[-3000:]
   line = one_error_line(err)
-  assert re.search(rf"{w}/\S+ was trained with another config \(hash \w+, recorded in "
-                   rf"{w}/\S+; this run's is \w+\); run it with the config it was trained "
+  assert re.search(rf"{w}/\S+ was trained with another config \(changed: model.width 0.125 "
+                   rf"-> 0.25; recorded in {w}/\S+\); run it with the config it was trained "
                    "with", line), line
   _stderr_ok(err)
   assert not (w / "config.json").exists() and "Teacher" not in out

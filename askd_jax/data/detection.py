@@ -177,7 +177,7 @@ def load_detection_data(dcfg) -> Dict[str, Any]:
 
     transforms = [WiderTrainTransform(size, max_boxes, tuple(dcfg.crop_choice),
                                       dcfg.get("flip", True))]
-    return {"train": train, "train_transforms": transforms, "val": val_items,
-            "num_val": len(val), "set": "widerface", "val_dir": b.data_dir}
+    return {"train": train, "train_dir": b.data_dir, "train_transforms": transforms,
+            "val": val_items, "num_val": len(val), "set": "widerface", "val_dir": b.data_dir}
   raise ValueError(f"config.data.name={name!r} is unknown for detection; use widerface or "
                    "synthetic")

@@ -175,8 +175,8 @@ def load_classification_data(dcfg) -> Dict[str, Any]:
     from askd_jax.data import shapes
     b = shapes.prepare(dcfg.get("data_dir") or None, int(dcfg.image_size),
                        int(dcfg.get("num_train") or 5000), int(dcfg.get("num_test") or 1000))
-    return {"train": b.as_data_source("train"), "eval": {"test": b.as_data_source("test")},
-            "num_classes": len(shapes.CLASSES)}
+    return {"train": b.as_data_source("train"), "train_dir": b.data_dir,
+            "eval": {"test": b.as_data_source("test")}, "num_classes": len(shapes.CLASSES)}
   if name == "imagenet":
     from askd_jax.data import imagenet
     b = imagenet.prepare(dcfg.get("manual_dir") or None, dcfg.get("data_dir") or None,
@@ -186,7 +186,7 @@ def load_classification_data(dcfg) -> Dict[str, Any]:
       raise FileNotFoundError(f"{b.data_dir}: askd_imagenet2012 has no {missing} split; "
                               f"prepare it from a manual_dir holding {imagenet.TRAIN_TAR} and "
                               f"{imagenet.VAL_TAR}")
-    return {"train": b.as_data_source("train"),
+    return {"train": b.as_data_source("train"), "train_dir": b.data_dir,
             "eval": {"validation": b.as_data_source("validation")},
             "num_classes": len(imagenet.synsets())}
   raise ValueError(f"config.data.name={name!r} is unknown for classification; use imagenet "

@@ -168,7 +168,8 @@ def load_face_data(dcfg) -> Dict[str, Any]:
                       split=dcfg.get("split", -1), num_splits=dcfg.get("num_splits", 4))
     ver = [{"name": "orl_test", "images": d["test_images"], "idx1": d["pairs"]["idx1"],
             "idx2": d["pairs"]["idx2"], "issame": d["pairs"]["issame"]}]
-    return {"train": d["train"], "num_classes": d["num_classes"], "verification": ver}
+    return {"train": d["train"], "train_dir": d["builder"].data_dir,
+            "num_classes": d["num_classes"], "verification": ver}
   return _load_real_face_data(dcfg)
 
 
@@ -200,7 +201,7 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
   if not num_classes:
     raise ValueError(f"{b.data_dir}: the prepared set records no num_classes; prepare it again "
                      "with python -m askd_jax.data.prepare")
-  return {"train": train, "num_classes": num_classes,
+  return {"train": train, "train_dir": b.data_dir, "num_classes": num_classes,
           "train_transforms": faces.decode_transforms(
               size, dcfg.get("on_corrupt", "error"),
               jpeg_roundtrip=dcfg.get("jpeg_roundtrip", False)),

@@ -37,8 +37,8 @@ def align_folder(images: str, landmarks: str, out: str, size: int = 112,
   from askd_jax.data import align  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(images):
     raise FileNotFoundError(f"--images={images}: no such folder")
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f"--out={out} exists; choose another folder or pass --overwrite")
+  from askd_jax.tools.paths import check_output  # pylint: disable=g-import-not-at-top
+  check_output("--out", out, overwrite=overwrite, directory=True)  # before any work
   align.template(size)  # checks the size before reading anything
   entries = align.read_landmarks(landmarks)
   for e in entries:  # every image exists before anything is written

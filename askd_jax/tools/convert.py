@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
@@ -356,9 +357,17 @@ def load_torch_state(path: str) -> Dict[str, Array]:
     raise ConvertError(f"{path}: reading PyTorch checkpoints needs torch; "
                        "pip install torch==2.13.0") from e
   try:
-    obj = torch.load(path, weights_only=True, map_location="cpu")
+    with warnings.catch_warnings():  # a plain pickle's protocol: the refusal below says it
+      warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+      obj = torch.load(path, weights_only=True, map_location="cpu")
   except Exception as e:  # pickle/zip errors come in many types
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    # torch's refusal of a pickle that would run code wraps its reason ("Trying to load
+    # unsupported GLOBAL posix.system ...") in paragraphs of advice: keep the reason.
+    if lines and lines[0].startswith("Weights only load failed"):
+      lines = [l for l in lines[1:]
+               if not l.startswith(("Please file", "Check the documentation"))] or lines
+    msg = lines[0] if lines else ""
     raise ConvertError(f"{path}: not a PyTorch checkpoint that torch.load(weights_only=True) "
                        f"can read ({type(e).__name__}: {msg[:160]})") from e
   state = _unwrap(obj, path)
@@ -400,8 +409,13 @@ def convert(net: str, out: str, margin: str | None = None, depth: int | None = N
   """Read, map, check and export; returns the written spec."""
   from askd_jax.train import checkpoint  # orbax: only needed to write
 
+  from askd_jax.tools.paths import check_output
   if depth is not None and depth not in STAGE_SIZES:
     raise ConvertError(f"--depth={depth} is not one of {sorted(STAGE_SIZES)}")
+  check_output("--out", out, directory=True)  # before reading the checkpoint
+  if os.path.exists(os.path.join(out, "variables")) and not overwrite:
+    raise ConvertError(f"{os.path.abspath(out)} already holds a model; choose another --out "
+                       "or pass --overwrite to replace it")
   net = os.path.abspath(net)
   margin = os.path.abspath(margin) if margin else None
   variables, arch = torch_state_to_flax(
@@ -432,12 +446,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="input side the net expects (default: 16 x last-stage side, 112)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = p.parse_args(argv)
+  from askd_jax.tools.paths import OutputPathError
   try:
     spec = convert(args.net, args.out, args.margin, args.depth, args.width,
                    args.channel_order, args.overwrite, args.input_size)
   except ConvertError as e:
     print(f"convert: error: {e}", file=sys.stderr)
     return 2
+  except OutputPathError as e:  # not writable: a run-time failure, as in the other tools
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 1
   print(f"wrote {os.path.abspath(args.out)}: iresnet_cbam depth={spec['depth']} "
         f"width={spec['width']} stage_sizes={spec['stage_sizes']} "
         f"classes={spec['num_classes']} channel_order={spec['channel_order']}")

@@ -54,9 +54,9 @@ def _embed(args) -> int:
   import numpy as np
   from tqdm import tqdm
   from askd_jax import api
+  from askd_jax.tools.paths import check_output, make_parent
   out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # numpy appends it
-  if os.path.exists(out) and not args.overwrite:
-    raise api.ModelError(f"--out={out} exists; choose another file or pass --overwrite")
+  check_output("--out", out, overwrite=args.overwrite)  # before any work
   if args.landmarks:
     files, read = _landmark_reader(args.images, args.landmarks)
   else:
@@ -77,6 +77,7 @@ def _embed(args) -> int:
   with tqdm(total=len(faces), desc="embed", unit="img", file=sys.stderr) as bar:
     emb = model.embed(np.stack(faces), size=args.size or None, progress=bar.update)
   tmp = out[:-len(".npz")] + ".tmp.npz"
+  make_parent(out)
   np.savez(tmp, embeddings=emb, paths=np.array(paths, dtype=str),
            skipped=np.array(skipped, dtype=str), skipped_reason=np.array(reasons, dtype=str),
            model=np.array(model.path), params_hash=np.array(model.spec.get("params_hash", "")),

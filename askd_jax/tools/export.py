@@ -59,15 +59,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _export(args) -> int:
   from askd_jax import api
+  from askd_jax.tools.paths import check_output
   if args.format == "onnx":
     from askd_jax.tools import onnx_export
+    check_output("--out", args.out, overwrite=args.overwrite)  # before any work
     return onnx_export.run_cli(args)
   out = args.out
   side = out + api.SIDECAR_SUFFIX
-  if not args.overwrite:
-    for f in (out, side):
-      if os.path.exists(f):
-        raise api.ModelError(f"--out: {f} exists; choose another file or pass --overwrite")
+  check_output("--out", out, overwrite=args.overwrite, extra=(side,))  # before any work
   platforms = [s.strip() for s in args.platforms.split(",") if s.strip()]
   bad = [s for s in platforms if s not in ("cpu", "cuda", "rocm", "tpu")]
   if bad or not platforms:

@@ -84,8 +84,11 @@ def load_model(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     variables = restore_replicated(vdir)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}, spec
   ckdir = os.path.join(path, "checkpoints")
-  if os.path.isdir(ckdir):
-    from askd_jax.train import state_io  # local import: heavy and stage-specific
+  from askd_jax.train import state_io  # local import: heavy and stage-specific
+  if spec.get("trained_steps") is not None:  # a finished stage: its final step, nothing older
+    return state_io.load_final_variables(path, int(spec["trained_steps"]),
+                                         spec.get("variables_hash")), spec
+  if os.path.isdir(ckdir):  # a stage written before model.json named its final step
     return state_io.load_latest_variables(ckdir), spec
   raise FileNotFoundError(f"{path}: holds {SPEC_FILE} but neither variables/ nor checkpoints/; "
                           "the model was never saved there")

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -56,30 +56,62 @@ class StageConfigError(ValueError):
 
 
 def stage_done(workdir: str, stage: Stage) -> bool:
-  return os.path.exists(os.path.join(workdir, stage.name, DONE))
+  """DONE and model.json both there. DONE without model.json (deleted) is not finished: the
+  stage restores its final step, trains no further and writes model.json again."""
+  d = os.path.join(workdir, stage.name)
+  return os.path.exists(os.path.join(d, DONE)) and os.path.exists(os.path.join(d, ckpt_lib.SPEC_FILE))
 
 
-def stage_config_hash(stage_dir: str):
+def stage_config_hash(stage_dir: str, key: str = "config_hash"):
   """(config hash the stage was trained with, the file that says so), or (None, None) when
-  the directory holds no stage (or one written before the hash was stored)."""
+  the directory holds no stage (or one written before the hash was stored). key="config":
+  the `hashed_config` it was trained with, where recorded."""
   spec_path = os.path.join(stage_dir, ckpt_lib.SPEC_FILE)
   if os.path.exists(os.path.join(stage_dir, DONE)) and os.path.exists(spec_path):
     try:
       with open(spec_path) as f:
-        return json.load(f).get("config_hash"), spec_path
+        return json.load(f).get(key), spec_path
     except (OSError, ValueError, AttributeError):
       return None, None
-  return state_io.newest_meta_value(os.path.join(stage_dir, "checkpoints"), "config_hash")
+  return state_io.newest_meta_value(os.path.join(stage_dir, "checkpoints"), key)
 
 
-def check_stage_config(stage_dir: str, want: str) -> None:
-  """Refuse a stage (finished or not) that was trained with another config than `want`."""
+def check_stage_config(stage_dir: str, want: Sequence[str],
+                       config: Optional[Dict[str, Any]] = None) -> None:
+  """Refuse a stage (finished or not) that was trained with another config than `want`
+  (`cfg_hashes`; `config`: this run's `hashed_config`, to name the fields that differ)."""
+  want = (want,) if isinstance(want, str) else tuple(want)
   got, where = stage_config_hash(stage_dir)
-  if got is not None and got != want:
+  if got is not None and got not in want:
+    changed = config_changes(stage_config_hash(stage_dir, "config")[0], config or {})
+    what = f"changed: {changed}" if changed else f"hash {got}, this run's is {want[0]}"
     raise StageConfigError(
-        f"{stage_dir} was trained with another config (hash {got}, recorded in {where}; this "
-        f"run's is {want}); run it with the config it was trained with, or use another "
-        "--workdir (or --overwrite to move the old run aside)")
+        f"{stage_dir} was trained with another config ({what}; recorded in {where}); run it "
+        "with the config it was trained with, or use another --workdir (or --overwrite to "
+        "move the old run aside)")
+
+
+def check_stage_data(stage_dir: str, data: Optional[Dict[str, str]]) -> None:
+  """Refuse a stage (finished or not) that was trained on other data than `data`
+  (`Task.data_record`: the prepared training data's folder and content hash). The same
+  content anywhere (a copy) is the same data; so is the folder the stage was trained from,
+  whatever it holds now (a set prepared again there serialises its records in another order:
+  a warning). Stages that recorded no data, and in-memory data, are not checked."""
+  if not data:
+    return
+  was, where = stage_config_hash(stage_dir, "train_data")
+  if not isinstance(was, dict) or was.get("identity") == data["identity"]:
+    return
+  if was.get("dir") == data["dir"]:
+    log.warning("%s: the data in %s changed since the stage was trained (content hash %s, "
+                "now %s); going on with it", os.path.basename(stage_dir), data["dir"],
+                was.get("identity"), data["identity"])
+    return
+  raise StageConfigError(
+      f"{stage_dir} was trained on other data: {was.get('dir')} (content hash "
+      f"{was.get('identity')}; recorded in {where}), but this run reads {data['dir']} (content "
+      f"hash {data['identity']}); point config.data.data_dir at the data it was trained on (or "
+      "a copy of it), or use another --workdir")
 
 
 def _schedule(tcfg, steps_per_epoch, total_steps):
@@ -101,7 +133,8 @@ def train_stage(cfg, task, stage: Stage, workdir: str, *, mesh=None, progress=Tr
 
 def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, writer_factory) -> str:
   stage_dir = os.path.join(workdir, stage.name)
-  check_stage_config(stage_dir, cfg_hash(cfg))
+  check_stage_config(stage_dir, cfg_hashes(cfg), hashed_config(cfg))
+  check_stage_data(stage_dir, task.data_record())
   if stage_done(workdir, stage):
     log.info("stage %s already finished; skipping", stage.name)
     return stage_dir
@@ -116,7 +149,10 @@ def _train_stage(cfg, task, stage: Stage, workdir: str, *, mesh, progress, write
   check = lambda state: _check_finite(state, b.nan_policy, b.max_bad_steps, stage)
   save = _saver(b, it, check, clock)
   actions = side_tasks(b, writer=writer, bar=bar, save=save, check=check, clock=clock)
-  state = run_loop(b, state, it, actions, clock)
+  try:
+    state = run_loop(b, state, it, actions, clock)
+  finally:  # stopped or failed too: the loader's worker processes end here
+    it.close()
   finish(b, task, state, clock, save)
   if bar is not None:
     bar.close()
@@ -170,7 +206,8 @@ def build(cfg, task, stage: Stage, stage_dir: str, mesh) -> Built:
 
   # The frozen teacher (students only).
   teacher_model = teacher_vars = None
-  meta = {"stage": stage.name, "config_hash": cfg_hash(cfg)}
+  meta = {"stage": stage.name, "config_hash": cfg_hash(cfg), "config": hashed_config(cfg),
+          "train_data": task.data_record()}
   if stage.kind == "student":
     teacher_vars, tspec = ckpt_lib.load_model(stage.teacher)
     task.check_teacher(tspec, stage.teacher)
@@ -391,9 +428,12 @@ def finish(b: Built, task, state, clock: Clock, save) -> None:
     save(step, state)
   stage = b.stage
   spec = dict(task.spec(), stage=stage.name, kind=stage.kind, method=stage.method,
-              config_hash=b.meta["config_hash"],
+              config_hash=b.meta["config_hash"], config=b.meta["config"],
+              train_data=b.meta["train_data"],
               sizes=list(stage.sizes), compile_seconds=clock.compile_s,
-              trained_steps=b.total_steps, resumed_from=clock.start_step)
+              trained_steps=b.total_steps, resumed_from=clock.start_step,
+              variables_hash=state_io.state_hash({"params": state.params,
+                                                  "batch_stats": state.batch_stats}))
   if b.meta.get("teacher"):
     spec["teacher"] = b.meta["teacher"]
   if jax.process_index() == 0:
@@ -476,9 +516,12 @@ def _stage_salt(name: str) -> int:
   return zlib.crc32(name.encode()) % (2 ** 31)
 
 
-def cfg_hash(cfg) -> str:
-  """Hash of the config fields that change what is trained (not paths or logging)."""
-  import hashlib
+def hashed_config(cfg, paths: bool = False) -> Dict[str, Any]:
+  """The config fields that change what is trained (not paths or logging), as JSON values:
+  what `cfg_hash` hashes, and what a stage records to say which fields changed. Where the data
+  lives (data.data_dir, data.manual_dir) is not hashed: a stage records the identity of the
+  data it read instead (`check_stage_data`). paths=True: the fields hashed before that
+  (`cfg_hashes`)."""
   d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   d = {k: v for k, v in d.items()
        if k not in ("workdir", "eval", "report", "jax_cache_dir", "distributed", "tune_cpu")}
@@ -486,4 +529,43 @@ def cfg_hash(cfg) -> str:
   for k in ("log_every", "checkpoint_every", "keep", "nan_policy", "max_bad_steps"):
     d.get("train", {}).pop(k, None)
   d.get("data", {}).pop("prefetch", None)  # how far ahead batches are placed, not which
-  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  if not paths:
+    for k in ("data_dir", "manual_dir"):
+      d.get("data", {}).pop(k, None)
+  return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def cfg_hash(cfg, paths: bool = False) -> str:
+  """Hash of `hashed_config`."""
+  import hashlib
+  return hashlib.sha256(json.dumps(hashed_config(cfg, paths), sort_keys=True, default=str
+                                   ).encode()).hexdigest()[:16]
+
+
+def cfg_hashes(cfg) -> Tuple[str, str]:
+  """The hashes a stage or workdir of this config may record: `cfg_hash`, and the one that
+  also hashed the data paths (workdirs written before the data's identity was recorded)."""
+  return cfg_hash(cfg), cfg_hash(cfg, paths=True)
+
+
+def config_changes(old: Optional[Dict[str, Any]], new: Dict[str, Any], most: int = 4) -> str:
+  """'model.width 0.125 -> 0.25, train.steps 4 -> 8' between two `hashed_config`s (old may
+  hold more fields, e.g. a whole config.json's; only the hashed ones are compared); '' when
+  the old one is unknown."""
+  if not isinstance(old, dict):
+    return ""
+
+  def flat(d, pre=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict) and v:
+        out.update(flat(v, f"{pre}{k}."))
+      else:
+        out[pre + k] = v
+    return out
+  a, b = flat(json.loads(json.dumps(old, default=str))), flat(new)
+  changed = [f"{k} {json.dumps(a.get(k, '(absent)'))} -> {json.dumps(b.get(k, '(absent)'))}"
+             for k in sorted(b)
+             if a.get(k, "(absent)") != b.get(k, "(absent)")]
+  more = f" and {len(changed) - most} more" if len(changed) > most else ""
+  return ", ".join(changed[:most]) + more

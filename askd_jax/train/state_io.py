@@ -245,6 +245,46 @@ def _first_line(e: BaseException) -> str:
   return lines[0][:200] if lines else ""
 
 
+def retrain_hint(stage_dir: str) -> str:
+  """The one command that trains a finished stage's last steps again."""
+  return (f"rm {os.path.join(stage_dir, 'DONE')}, then run the training command again: the "
+          "stage resumes from its newest intact checkpoint (from scratch if none is left) and "
+          "ends with the same weights")
+
+
+def load_final_variables(stage_dir: str, step: int, want_hash: Optional[str] = None
+                         ) -> Dict[str, Any]:
+  """{'params', 'batch_stats'} of a finished stage: its final step `step`, checked against
+  the hash written beside it (`want_hash`, of params and batch_stats, from model.json; the
+  step's params hash for stages written before). A final step that is missing or damaged is a
+  CheckpointError naming the way to train it again: a finished model is its final weights,
+  never an older step's (falling back is for resuming a stage that is still training)."""
+  ckdir = os.path.join(stage_dir, "checkpoints")
+  where = os.path.join(ckdir, str(step))
+  if not os.path.isdir(where):
+    reason = ("its checkpoints folder is missing" if not os.path.isdir(ckdir)
+              else "no such step")
+  else:
+    try:
+      with _quiet_libraries():
+        st = restore_replicated(os.path.join(where, "state"))
+        meta = manager(ckdir, read_only=True).restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      variables = {"params": st["params"], "batch_stats": st["batch_stats"]}
+      if want_hash is not None:
+        got = params_hash(variables)
+      else:
+        want_hash, got = (meta or {}).get("params_hash"), params_hash(variables["params"])
+      if want_hash is not None and got != want_hash:
+        raise ValueError(f"its weights hash to {got}, but {want_hash} was written")
+      return variables
+    except Exception as e:
+      reason = f"{type(e).__name__}: {_first_line(e)}"
+  raise CheckpointError(f"{where}: the final weights of the finished stage {stage_dir} cannot "
+                        f"be read ({reason}); an older step is not used in their place. "
+                        f"Train its last steps again: {retrain_hint(stage_dir)}")
+
+
 def load_latest_variables(ckdir: str) -> Dict[str, Any]:
   """{'params', 'batch_stats'} of the newest readable step (for evaluation / as a teacher),
   replicated on this run's devices whatever process / device layout wrote the step."""
