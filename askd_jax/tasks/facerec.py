@@ -81,18 +81,20 @@ class FaceRecTask(Task):
 
     return embed
 
-  def embeddings(self, model, variables, images: np.ndarray, sizes=(), batch: int = 64,
+  def embeddings(self, model, variables, images, sizes=(), batch: int = 64,
                  seed: int = 0) -> np.ndarray:
+    """(N, 2D) float32 embeddings of uint8 (N, S, S, 3) `images` or of a streamed set
+    (`eval_stream.StreamedImages`, decoded a batch at a time): only the output grows with N."""
+    from askd_jax.data import eval_stream
     embed = self.embed_fn(model, sizes, self.cfg.student)
-    out = []
     key = jax.random.key(seed)
-    for i in range(0, len(images), batch):
-      chunk = images[i:i + batch]
-      pad = batch - len(chunk)
-      if pad:  # one compiled shape
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-      out.append(np.asarray(embed(variables, chunk, jax.random.fold_in(key, i)))[:batch - pad])
-    return np.concatenate(out)
+    out = None
+    for i, chunk, n in eval_stream.batches(images, batch):  # chunk padded: one compiled shape
+      e = np.asarray(embed(variables, chunk, jax.random.fold_in(key, i)))
+      if out is None:
+        out = np.empty((len(images),) + e.shape[1:], e.dtype)
+      out[i:i + n] = e[:n]
+    return out
 
   def eval_data(self) -> Dict[str, Any]:
     """The evaluation sets; without the training set when only evaluating (--evaluate)."""
@@ -146,20 +148,6 @@ def load_face_data(dcfg) -> Dict[str, Any]:
   return _load_real_face_data(dcfg)
 
 
-def _decode_all(source, keys, size):
-  from askd_jax.data.faces import decode_image
-  out = {k: [] for k in keys}
-  rest = {}
-  for i in range(len(source)):
-    r = source[i]
-    for k in keys:
-      out[k].append(decode_image(r[k], size, f"record {i} [{k}]"))
-    for k, v in r.items():
-      if k not in keys:
-        rest.setdefault(k, []).append(v)
-  return {**{k: np.stack(v) for k, v in out.items()}, **{k: np.asarray(v) for k, v in rest.items()}}
-
-
 def _load_real_face_data(dcfg) -> Dict[str, Any]:
   """Prepared tfds builders (askd_jax.data.faces) named by data.dataset / verification."""
   from askd_jax.data import faces
@@ -180,25 +168,31 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
 
 
 def _load_eval_sets(dcfg) -> Dict[str, Any]:
-  """{'verification': [pair sets], optional 'tinyface': {'probe', 'gallery'}} (prepared)."""
-  from askd_jax.data import faces
+  """{'verification': [pair sets], optional 'tinyface': {'probe', 'gallery'}} (prepared),
+  their images streamed from the prepared files (`eval_stream.StreamedImages`), their pair
+  flags, folds and labels read up front."""
+  from askd_jax.data import eval_stream, faces
   data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
-  size = dcfg.image_size
+  # Decoded at the model's input size. TinyFace: AdaFace's aligned TinyFace is already
+  # 112x112, so at the paper's size this is no resize (and never a student degradation).
+  decode = faces.decode_transforms(dcfg.image_size, "error")
+  workers = dcfg.get("workers", 0)
   ver = []
   names = dcfg.get("verification", ())
   names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
   for name in [n.strip() for v in names for n in str(v).split(",") if n.strip()]:
-    d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size)
+    source = faces.data_source(name, "test", data_dir)
+    d = eval_stream.columns(source, ("is_same", "fold"))
     n = len(d["is_same"])
-    images = np.empty((2 * n,) + d["image1"].shape[1:], np.uint8)
-    images[0::2], images[1::2] = d["image1"], d["image2"]
+    images = eval_stream.StreamedImages(eval_stream.PairImages(source, name), decode, workers)
     ver.append({"name": name, "images": images, "idx1": np.arange(0, 2 * n, 2),
                 "idx2": np.arange(1, 2 * n, 2), "issame": d["is_same"].astype(bool),
                 "fold_ids": d["fold"]})
   out = {"verification": ver}
   if dcfg.get("tinyface"):
-    # Decoded at the model's input size: AdaFace's aligned TinyFace is already 112x112, so
-    # at the paper's size this is no resize (and never a student degradation).
-    out["tinyface"] = {sp: _decode_all(faces.data_source("tinyface", sp, data_dir), ("image",),
-                                       size) for sp in ("probe", "gallery")}
+    out["tinyface"] = {}
+    for sp in ("probe", "gallery"):
+      source = faces.data_source("tinyface", sp, data_dir)
+      out["tinyface"][sp] = {"image": eval_stream.StreamedImages(source, decode, workers),
+                             **eval_stream.columns(source, ("label",))}
   return out
