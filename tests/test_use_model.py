@@ -224,6 +224,40 @@ def test_embed_cli_list_file_and_errors(demo, tmp_path, capsys):
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_embed_cli_landmarks_aligns_raw_photos(demo, tmp_path, capsys):
+  """--landmarks: insightface-format photos + 5 points (an IJB fixture release) are aligned
+  at the model's input size and embedded; a bad line stops the run, a missing photo is
+  skipped naming its line."""
+  from askd_jax.data import align, fixtures
+  workdir, cfg, _ = demo
+  teacher = os.path.join(workdir, "teacher")
+  rel = fixtures.write_ijb_release(str(tmp_path), "ijbc", layout=fixtures.IJB_LAYOUT[:5])
+  photos = os.path.join(rel["root"], "loose_crop")
+  lm = os.path.join(rel["root"], "meta", "ijbc_name_5pts_score.txt")
+  out = tmp_path / "e.npz"
+  rc, _, err = _run(embed_cli.main, [f"--model={teacher}", f"--images={photos}",
+                                     f"--landmarks={lm}", f"--out={out}"], capsys)
+  assert rc == 0, err
+  paths = [os.path.join(photos, n) for n in rel["names"]]
+  crops = [align.model_crop(align.read_photo(p), e.points, cfg.data.image_size)
+           for p, e in zip(paths, align.read_landmarks(lm))]
+  with np.load(out) as z:
+    assert [str(p) for p in z["paths"]] == paths
+    _same_embeddings(z["embeddings"], askd_jax.load(teacher).embed(np.stack(crops)))
+  os.remove(paths[2])
+  rc, _, err = _run(embed_cli.main, [f"--model={teacher}", f"--images={photos}",
+                                     f"--landmarks={lm}", f"--out={tmp_path / 'm.npz'}"], capsys)
+  assert rc == 1 and err.startswith(f"skipped {lm} line 3: {paths[2]}: no such image file\n"), err
+  with np.load(tmp_path / "m.npz") as z:
+    assert [str(p) for p in z["skipped"]] == [paths[2]] and len(z["paths"]) == 4
+  bad = tmp_path / "bad.txt"
+  bad.write_text(open(lm).readline() + "2.jpg 1 2 3\n")
+  rc, _, err = _run(embed_cli.main, [f"--model={teacher}", f"--images={photos}",
+                                     f"--landmarks={bad}", f"--out={tmp_path / 'x.npz'}"], capsys)
+  assert rc == 1 and f"{bad} line 2: 3 values after the name '2.jpg'" in _one_line(err), err
+  assert not (tmp_path / "x.npz").exists()
+
+
 def _threshold_fixture(stage_dir, dest, d, size=None):
   """A copy of a trained stage with the eval.json its run wrote ({resolution: {set:
   {accuracy, std, threshold, ...}}}); the stored threshold must be the deploy threshold of

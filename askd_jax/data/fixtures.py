@@ -2,8 +2,9 @@
 
 Used by the tests and by `python -m askd_jax.tools.rehearse`, which prepares them with the
 same builders a user's files go through: an insightface train.rec/.idx (see recordio.py),
-verification .bin files, a TinyFace folder, the ImageNet manual-dir tars and a WIDER FACE
-release (images, bbx_gt txt files, eval_tools .mat ground truth).
+verification .bin files, a TinyFace folder, an IJB-B/IJB-C release as insightface
+distributes it (loose_crop/ photos, meta/ lists), the ImageNet manual-dir tars and a WIDER
+FACE release (images, bbx_gt txt files, eval_tools .mat ground truth).
 """
 from __future__ import annotations
 
@@ -76,6 +77,82 @@ def write_tinyface_tree(root: str, pixels: Sequence[np.ndarray],
         f.write(encode_image(img))
       files[rel] = img
   return files
+
+
+# -------------------------------------------------------------------------------- IJB
+
+# (template, media, subject) of each image: templates 1-6, several media each, one media
+# with several frames (a video), subjects 0-2 with two templates each.
+IJB_LAYOUT = ((1, 10, 0), (1, 10, 0), (1, 11, 0), (2, 12, 0), (2, 13, 0), (2, 13, 0),
+              (3, 20, 1), (3, 21, 1), (4, 22, 1), (4, 22, 1), (4, 22, 1), (4, 23, 1),
+              (5, 30, 2), (5, 31, 2), (6, 32, 2), (6, 33, 2), (6, 33, 2), (3, 24, 1))
+
+
+def write_ijb_release(root: str, name: str = "ijbc",
+                      layout: Sequence[Tuple[int, int, int]] = IJB_LAYOUT, seed: int = 0
+                      ) -> Dict[str, Any]:
+  """insightface's IJB release under root/IJBC (or IJBB): loose_crop/<k>.jpg photos of a
+  face placed by a random similarity transform, meta/<name>_face_tid_mid.txt
+  (`name tid mid`), meta/<name>_name_5pts_score.txt (`name x1 y1 ... x5 y5 score`, the
+  face's true landmarks) and meta/<name>_template_pair_label.txt (`t1 t2 label`, every pair
+  of templates, 1 when they share a subject). Returns what was written: names, templates,
+  medias, scores, landmarks (N, 5, 2), faces (the 112x112 face of each photo), pairs (P, 3).
+  """
+  from askd_jax.data import align  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  top = os.path.join(root, name.upper())
+  os.makedirs(os.path.join(top, "loose_crop"), exist_ok=True)
+  os.makedirs(os.path.join(top, "meta"), exist_ok=True)
+  names, marks, faces, scores = [], [], [], []
+  for k, (_, _, subject) in enumerate(layout, 1):
+    face = _smooth_face(subject, rng)
+    a, s = np.deg2rad(rng.uniform(-25, 25)), rng.uniform(0.8, 1.6)
+    m = np.eye(3)
+    m[:2, :2] = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    m[:2, 2] = rng.uniform(10, 40, 2)
+    photo = _place(face, m, (200, 190))
+    pts = align.ARCFACE_TEMPLATE.astype(np.float64) @ m[:2, :2].T + m[:2, 2]
+    names.append(f"{k}.jpg")
+    marks.append(pts)
+    faces.append(face)
+    scores.append(round(float(rng.uniform(0.3, 1.0)), 6))
+    with open(os.path.join(top, "loose_crop", names[-1]), "wb") as f:
+      f.write(encode_image(photo, "JPEG"))
+  templates = [t for t, _, _ in layout]
+  subject_of = {t: subj for t, _, subj in layout}
+  tids = sorted(subject_of)
+  pairs = [(a, b, int(subject_of[a] == subject_of[b])) for i, a in enumerate(tids)
+           for b in tids[i + 1:]]
+  meta = os.path.join(top, "meta")
+  with open(os.path.join(meta, f"{name}_face_tid_mid.txt"), "w") as f:
+    f.writelines(f"{n} {t} {m}\n" for n, (t, m, _) in zip(names, layout))
+  with open(os.path.join(meta, f"{name}_name_5pts_score.txt"), "w") as f:
+    f.writelines(n + " " + " ".join(f"{v:.4f}" for v in p.reshape(-1)) + f" {sc}\n"
+                 for n, p, sc in zip(names, marks, scores))
+  with open(os.path.join(meta, f"{name}_template_pair_label.txt"), "w") as f:
+    f.writelines(f"{a} {b} {lab}\n" for a, b, lab in pairs)
+  return {"root": top, "names": names, "templates": np.array(templates),
+          "medias": np.array([m for _, m, _ in layout]), "scores": np.array(scores),
+          "landmarks": np.array(marks, np.float32), "faces": faces,
+          "pairs": np.array(pairs, np.int64)}
+
+
+def _smooth_face(subject: int, rng: np.random.Generator) -> np.ndarray:
+  """A 112x112 image that survives resampling: a colour and stripes per subject, and noise."""
+  yy, xx = np.mgrid[0:112, 0:112]
+  stripes = 40 * np.sin(xx / (6.0 + subject) + yy / 11.0)
+  base = (50 + 60 * subject) % 200 + 30
+  img = np.stack([base + stripes, base - stripes, np.full(xx.shape, 120.0)], -1)
+  return np.clip(img + rng.integers(-4, 5, img.shape), 0, 255).astype(np.uint8)
+
+
+def _place(face: np.ndarray, matrix: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
+  """The face (112x112, template placement) mapped into a photo of hw by `matrix`."""
+  from skimage.transform import warp  # pylint: disable=g-import-not-at-top
+  inv = np.linalg.inv(matrix)  # photo pixel -> face pixel
+  photo = warp(face, inv, output_shape=hw, order=1, mode="constant", cval=0.0,
+               preserve_range=True)
+  return np.clip(np.rint(photo), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------- ImageNet

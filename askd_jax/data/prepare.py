@@ -3,12 +3,14 @@
     python -m askd_jax.data.prepare --dataset=casia --manual_dir=DIR --data_dir=DATA_DIR
     python -m askd_jax.data.prepare --dataset=lfw,agedb_30,cfp_fp --manual_dir=DIR --data_dir=DATA_DIR
     python -m askd_jax.data.prepare --dataset=imagenet --manual_dir=DIR --data_dir=DATA_DIR
+    python -m askd_jax.data.prepare --dataset=ijbc --manual_dir=DIR --data_dir=DATA_DIR
 
 --dataset (comma-separated): casia, ms1m, rec (insightface train.rec/.idx), casia_list, list
 (image folder + list file), lfw, agedb_30, cfp_fp, cfp_ff, calfw, cplfw, vgg2_fp (insightface
 .bin), tinyface; imagenet (ILSVRC2012_img_{train,val}.tar, configs/imagenet.py), widerface
-(the WIDER FACE release, configs/widerface.py). Writes array_record under DATA_DIR; see
-docs/datasets.md.
+(the WIDER FACE release, configs/widerface.py); ijbb, ijbc (insightface's IJB release:
+loose_crop/ + meta/, aligned here with the 5 points; askd_jax/data/ijb.py). Writes
+array_record under DATA_DIR; see docs/datasets.md.
 """
 from __future__ import annotations
 
@@ -28,7 +30,17 @@ def _widerface(manual_dir, data_dir):
   return widerface.prepare(manual_dir, data_dir)
 
 
-OTHER = {"imagenet": _imagenet, "widerface": _widerface}  # builders of the other tasks
+def _ijb(name):
+  def prep(manual_dir, data_dir):
+    from askd_jax.data import ijb  # pylint: disable=g-import-not-at-top
+    with stop.handling():
+      return ijb.prepare(name, manual_dir, data_dir)
+  return prep
+
+
+# builders outside data.faces: other tasks, and IJB (evaluation only)
+OTHER = {"imagenet": _imagenet, "widerface": _widerface, "ijbb": _ijb("ijbb"),
+         "ijbc": _ijb("ijbc")}
 NAMES = sorted(faces.DATASETS) + sorted(OTHER)
 
 FLAGS = flags.FLAGS
@@ -54,6 +66,9 @@ def main(argv):
     if dataset in OTHER:
       try:
         b = OTHER[dataset](FLAGS.manual_dir, FLAGS.data_dir)
+      except stop.Preempted as e:
+        print(f"prepare --dataset={dataset}: {e}")
+        raise SystemExit(0) from None
       except (OSError, ValueError) as e:
         raise SystemExit(f"prepare --dataset={dataset}: {e}") from None
       print(f"{dataset}: {b.data_dir} { {k: v.num_examples for k, v in b.info.splits.items()} }")

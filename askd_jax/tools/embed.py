@@ -2,9 +2,14 @@
 
     python -m askd_jax.tools.embed --model=DIR --images=FOLDER|LIST --out=embeddings.npz
         [--size=14] [--batch_size=64] [--overwrite]
+    python -m askd_jax.tools.embed --model=DIR --images=PHOTOS --landmarks=FILE --out=...
 
 --model: a stage directory of a run, a directory written by tools.convert, or a .jaxexport.
 --images: a folder (searched recursively) or a text file with one image path per line.
+--landmarks: raw photos instead of aligned crops: a file of `NAME x1 y1 ... x5 y5 [SCORE]`
+lines (NAME relative to the --images folder; askd_jax/data/align.py), each photo aligned to
+the ArcFace template at the model's input size before it is embedded (as tools.align).
+A landmark line that does not parse stops the run before anything is embedded.
 The .npz holds `embeddings` (N, 2D) float32 (concat(emb(x), emb(flip x)), see askd_jax.api),
 `paths` (N,) beside them, `skipped` (paths of the images left out) and `skipped_reason`,
 `model` (the model's path), `params_hash` (its parameters' hash), `size` (0: high
@@ -38,6 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "file with one image path per line")
   p.add_argument("--out", required=True, help="the .npz to write")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  p.add_argument("--landmarks", default=None, help="photos + their 5 points: `NAME x1 y1 "
+                 "... x5 y5 [SCORE]` per line, NAME relative to --images (a folder)")
   args = p.parse_args(argv)
   from askd_jax import api
   return api.run_cli(PROG, lambda: _embed(args))
@@ -50,12 +57,15 @@ def _embed(args) -> int:
   out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # numpy appends it
   if os.path.exists(out) and not args.overwrite:
     raise api.ModelError(f"--out={out} exists; choose another file or pass --overwrite")
-  files = api.list_images(args.images)
+  if args.landmarks:
+    files, read = _landmark_reader(args.images, args.landmarks)
+  else:
+    files, read = api.list_images(args.images), api.read_image
   model = api.load(args.model, batch_size=args.batch_size)
   paths, skipped, reasons, faces = [], [], [], []
   for f in files:
     try:
-      faces.append(api.read_image(f, model.input_size))
+      faces.append(read(f, model.input_size))
       paths.append(f)
     except api.ModelError as e:
       print(f"skipped {e}", file=sys.stderr)
@@ -77,6 +87,28 @@ def _embed(args) -> int:
         + (f"; skipped {len(skipped)} image(s), listed above and in its 'skipped'"
            if skipped else ""))
   return 1 if skipped else 0
+
+
+def _landmark_reader(images: str, landmarks: str):
+  """(photo paths, read(path, input_size) -> aligned crop) for --landmarks."""
+  from askd_jax import api
+  from askd_jax.data import align
+  if not os.path.isdir(images):
+    raise api.ModelError(f"--images={images}: with --landmarks, give the folder the "
+                         "landmark file's names are relative to")
+  try:
+    entries = align.read_landmarks(landmarks)
+  except (ValueError, OSError) as e:
+    raise api.ModelError(str(e)) from None
+  by_path = {os.path.join(images, e.name): e for e in entries}
+
+  def read(path, input_size):
+    e = by_path[path]
+    try:
+      return align.model_crop(align.read_photo(path), e.points, input_size)
+    except (ValueError, OSError) as err:
+      raise api.ImageError(f"{landmarks} line {e.line}: {err}") from None
+  return list(by_path), read
 
 
 if __name__ == "__main__":
