@@ -81,19 +81,24 @@ class FaceRecTask(Task):
 
     return embed
 
-  def embeddings(self, model, variables, images, sizes=(), batch: int = 64,
-                 seed: int = 0) -> np.ndarray:
-    """(N, 2D) float32 embeddings of uint8 (N, S, S, 3) `images` or of a streamed set
-    (`eval_stream.StreamedImages`, decoded a batch at a time): only the output grows with N."""
+  def embed_batches(self, model, variables, images, sizes=(), batch: int = 64, seed: int = 0):
+    """(start, float32 (n, 2D) embeddings) for each batch of uint8 (N, S, S, 3) `images` or
+    of a streamed set (`eval_stream.StreamedImages`, decoded a batch at a time), in order."""
     from askd_jax.data import eval_stream
     embed = self.embed_fn(model, sizes, self.cfg.student)
     key = jax.random.key(seed)
-    out = None
     for i, chunk, n in eval_stream.batches(images, batch):  # chunk padded: one compiled shape
-      e = np.asarray(embed(variables, chunk, jax.random.fold_in(key, i)))
+      yield i, np.asarray(embed(variables, chunk, jax.random.fold_in(key, i)))[:n]
+
+  def embeddings(self, model, variables, images, sizes=(), batch: int = 64,
+                 seed: int = 0) -> np.ndarray:
+    """(N, 2D) float32 embeddings of `images` (see embed_batches): only the output grows
+    with N."""
+    out = None
+    for i, e in self.embed_batches(model, variables, images, sizes, batch, seed):
       if out is None:
         out = np.empty((len(images),) + e.shape[1:], e.dtype)
-      out[i:i + n] = e[:n]
+      out[i:i + len(e)] = e
     return out
 
   def eval_data(self) -> Dict[str, Any]:
@@ -106,8 +111,9 @@ class FaceRecTask(Task):
 
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
     """Per set {'accuracy', 'std'} (10-fold, official) and, for verification sets, the
-    'threshold' of `verification.deploy_threshold` and 'tar_far1e-2'; TinyFace rank-k as tinyface_rankK."""
-    from askd_jax.evaluate import identification, verification
+    'threshold' of `verification.deploy_threshold` and 'tar_far1e-2'; TinyFace rank-k as
+    tinyface_rankK; IJB-B/C TAR at each FAR as ijbc_TAR@FAR=1e-06 ... 1e-01."""
+    from askd_jax.evaluate import identification, ijb, verification
     data = self.eval_data()
     batch = self.cfg.eval.get("batch_size", 64)
     results = {}
@@ -131,6 +137,15 @@ class FaceRecTask(Task):
                                 tf["gallery"]["label"])
       for k, v in r.items():
         results[f"tinyface_{k}"] = {"accuracy": float(v), "std": None}
+    for s in data.get("ijb", ()):
+      # insightface's 1:1 template protocol (evaluate/ijb.py) on the aligned crops, degraded
+      # to `sizes` as the verification images are; the embeddings go into per-media sums
+      # batch by batch and are not kept.
+      acc = ijb.TemplateFeatures(s["template"], s["media"], **dict(self.cfg.eval.get("ijb", {})))
+      for i, e in self.embed_batches(model, variables, s["images"], sizes, batch=batch):
+        acc.add(np.arange(i, i + len(e)), e, s["score"][i:i + len(e)])
+      for k, v in ijb.evaluate_templates(acc, *s["pairs"]).items():
+        results[f"{s['name']}_{k}"] = {"accuracy": v, "std": None}
     return results
 
 
@@ -168,8 +183,9 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
 
 
 def _load_eval_sets(dcfg) -> Dict[str, Any]:
-  """{'verification': [pair sets], optional 'tinyface': {'probe', 'gallery'}} (prepared),
-  their images streamed from the prepared files (`eval_stream.StreamedImages`), their pair
+  """{'verification': [pair sets], optional 'tinyface': {'probe', 'gallery'}, optional
+  'ijb': [IJB-B/C sets: template, media, detector score per image, template pairs]}
+  (prepared), their images streamed from the prepared files (`eval_stream.StreamedImages`), their pair
   flags, folds and labels read up front."""
   from askd_jax.data import eval_stream, faces
   data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
@@ -178,9 +194,7 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
   decode = faces.decode_transforms(dcfg.image_size, "error")
   workers = dcfg.get("workers", 0)
   ver = []
-  names = dcfg.get("verification", ())
-  names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
-  for name in [n.strip() for v in names for n in str(v).split(",") if n.strip()]:
+  for name in _names(dcfg.get("verification", ())):
     source = faces.data_source(name, "test", data_dir)
     d = eval_stream.columns(source, ("is_same", "fold"))
     n = len(d["is_same"])
@@ -195,4 +209,16 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
       source = faces.data_source("tinyface", sp, data_dir)
       out["tinyface"][sp] = {"image": eval_stream.StreamedImages(source, decode, workers),
                              **eval_stream.columns(source, ("label",))}
+  for name in _names(dcfg.get("ijb", ())):
+    from askd_jax.data import ijb
+    out.setdefault("ijb", []).append({
+        "name": name, "images": eval_stream.StreamedImages(ijb.data_source(name, data_dir),
+                                                           decode, workers),
+        **ijb.image_meta(name, data_dir), "pairs": ijb.template_pairs(name, data_dir)})
   return out
+
+
+def _names(value) -> list:
+  """Set names of a config field: ('lfw', 'agedb_30') or 'lfw,agedb_30' (the command line)."""
+  value = (value,) if isinstance(value, str) else value
+  return [n.strip() for v in value for n in str(v).split(",") if n.strip()]
