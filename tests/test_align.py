@@ -123,10 +123,12 @@ def test_align_cli_writes_the_crops_of_align_face(tmp_path, capsys):
     ("a.jpg 1 2 3 4 5 6 7 8 9", "lm.txt line 2: 9 values after the name 'a.jpg'"),
     ("missing.jpg 1 2 3 4 5 6 7 8 9 10", "lm.txt line 2: image"),
     ("a.jpg 1 2 3 4 5 6 7 8 9 x", "lm.txt line 2: 'x' is not a number"),
+    ("junk.jpg 1 2 3 4 5 6 7 8 9 10", "junk.jpg: not a readable image"),  # while writing
 ])
 def test_align_cli_bad_input_one_line_nothing_written(tmp_path, capsys, bad, what):
   rng = np.random.default_rng(1)
   _, lines = _write_photos(str(tmp_path / "img"), ["b.jpg"], rng)
+  (tmp_path / "img" / "junk.jpg").write_bytes(b"not a jpeg")
   lm = tmp_path / "lm.txt"
   lm.write_text(lines[0] + "\n" + bad + "\n")
   out = tmp_path / "out"
