@@ -32,10 +32,11 @@ def _prepared_lfw(root, n_pairs: int, seed: int = 0):
   return str(root / "tfds"), images
 
 
-def _task(data_dir):
+def _task(data_dir, workers=0):
   import configs.facerec as fr
   c = fr.get_config("casia")
   c.data.data_dir, c.data.verification, c.data.image_size = data_dir, ("lfw",), SIZE
+  c.data.workers = workers
   c.model.width, c.model.stage_sizes, c.model.embedding_dim = 0.125, (1, 1, 1, 1), 8
   c.eval.batch_size = 4
   task = FaceRecTask(c)
@@ -45,14 +46,18 @@ def _task(data_dir):
   return task, model, variables
 
 
-@pytest.mark.parametrize("sizes", [(), (8,)])
-def test_streamed_embeddings_equal_the_in_memory_ones_bit_for_bit(tmp_path, sizes):
+@pytest.mark.parametrize("sizes,workers", [((), 0), ((8,), 2)])
+def test_streamed_embeddings_equal_the_in_memory_ones_bit_for_bit(tmp_path, sizes, workers):
   """The --evaluate path's set (eval_data(): pairs streamed from the prepared array_record,
   batch by batch) against the .bin's images decoded into one array, at HR and at a student
   size (a random degradation per batch, keyed by the batch's start): equal to the last bit,
-  over a ragged last batch (11 pairs = 22 images in batches of 4)."""
+  over a ragged last batch (11 pairs = 22 images in batches of 4), also with
+  config.data.workers=2 (the training loader's worker processes).
+
+  Checked by hand: with the evaluation loader given those 2 worker processes (each batches
+  its own records 0, 2, 4... so the images come reordered) the embeddings differed."""
   data_dir, encoded = _prepared_lfw(tmp_path, 11)
-  task, model, variables = _task(data_dir)
+  task, model, variables = _task(data_dir, workers)
   vs = task.eval_data()["verification"][0]
   assert len(vs["images"]) == 22 and not isinstance(vs["images"], np.ndarray)
   decoded = np.stack([faces.decode_image(b, SIZE) for b in encoded])

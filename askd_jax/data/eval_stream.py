@@ -52,13 +52,14 @@ class StreamedImages:
 
   source: random-access records holding an encoded 'image' (a tfds data source, or
   `PairImages`); transforms: the grain operations that decode it to uint8 (S, S, 3)
-  (`faces.decode_transforms`); workers: grain worker processes (0 decodes in this one).
+  (`faces.decode_transforms`). Decoded in this process (grain's reading threads ahead of
+  it): with worker processes each grain worker batches its own records (0, W, 2W...), which
+  reorders the images within the batches, and with them the per-batch degradation keys.
   """
 
-  def __init__(self, source, transforms: Sequence[Any], workers: int = 0):
+  def __init__(self, source, transforms: Sequence[Any]):
     self.source = source
     self.transforms = list(transforms)
-    self.workers = int(workers)
 
   def __len__(self) -> int:
     return len(self.source)
@@ -70,7 +71,7 @@ class StreamedImages:
     ahead = grain.ReadOptions(num_threads=min(16, batch), prefetch_buffer_size=2 * batch)
     loader = pipeline.make_eval_loader(
         self.source, global_batch_size=batch, transforms=self.transforms,
-        worker_count=self.workers, keys=("image", "mask"), shard_options=grain.NoSharding(),
+        worker_count=0, keys=("image", "mask"), shard_options=grain.NoSharding(),
         read_options=ahead)
     start = 0
     for b in loader:

@@ -192,13 +192,12 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
   # Decoded at the model's input size. TinyFace: AdaFace's aligned TinyFace is already
   # 112x112, so at the paper's size this is no resize (and never a student degradation).
   decode = faces.decode_transforms(dcfg.image_size, "error")
-  workers = dcfg.get("workers", 0)
   ver = []
   for name in _names(dcfg.get("verification", ())):
     source = faces.data_source(name, "test", data_dir)
     d = eval_stream.columns(source, ("is_same", "fold"))
     n = len(d["is_same"])
-    images = eval_stream.StreamedImages(eval_stream.PairImages(source, name), decode, workers)
+    images = eval_stream.StreamedImages(eval_stream.PairImages(source, name), decode)
     ver.append({"name": name, "images": images, "idx1": np.arange(0, 2 * n, 2),
                 "idx2": np.arange(1, 2 * n, 2), "issame": d["is_same"].astype(bool),
                 "fold_ids": d["fold"]})
@@ -207,13 +206,13 @@ def _load_eval_sets(dcfg) -> Dict[str, Any]:
     out["tinyface"] = {}
     for sp in ("probe", "gallery"):
       source = faces.data_source("tinyface", sp, data_dir)
-      out["tinyface"][sp] = {"image": eval_stream.StreamedImages(source, decode, workers),
+      out["tinyface"][sp] = {"image": eval_stream.StreamedImages(source, decode),
                              **eval_stream.columns(source, ("label",))}
   for name in _names(dcfg.get("ijb", ())):
     from askd_jax.data import ijb
     out.setdefault("ijb", []).append({
         "name": name, "images": eval_stream.StreamedImages(ijb.data_source(name, data_dir),
-                                                           decode, workers),
+                                                           decode),
         **ijb.image_meta(name, data_dir), "pairs": ijb.template_pairs(name, data_dir)})
   return out
 
