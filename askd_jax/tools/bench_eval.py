@@ -33,6 +33,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 from absl import app, flags
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS
@@ -43,6 +44,8 @@ flags.DEFINE_integer("matches", 4443, "TinyFace: gallery images with a mate")
 flags.DEFINE_integer("distractors", 153428, "TinyFace: distractor gallery images")
 flags.DEFINE_integer("images", 100_000, "IJB-C: crops")
 flags.DEFINE_integer("distinct", 16, "distinct JPEGs the files are hard links of")
+flags.DEFINE_integer("jpeg_quality", 75, "quality of those JPEGs (TinyFace)")
+flags.DEFINE_integer("image_size", 112, "model input: the stored 112 px crops are decoded to it")
 flags.DEFINE_float("width", 0.125, "model width multiplier")
 flags.DEFINE_integer("embedding_dim", 512, "model embedding size")
 flags.DEFINE_integer("batch", 64, "--config.eval.batch_size")
@@ -63,8 +66,7 @@ def _distinct_jpegs(folder: str, n: int) -> List[str]:
   for k in range(n):
     path = os.path.join(folder, f"face_{k}.jpg")
     if not os.path.exists(path):
-      with open(path, "wb") as f:
-        f.write(fixtures.encode_image(fixtures.identity_pixels(k, k, 112), "JPEG"))
+      Image.fromarray(fixtures.identity_pixels(k, k, 112)).save(path, quality=FLAGS.jpeg_quality)
     out.append(path)
   return out
 
@@ -89,11 +91,23 @@ def write_tinyface(root: str) -> str:
 
 def write_ijbc(root: str) -> str:
   """insightface's IJB-C layout under root/ijb/IJBC at FLAGS.images crops; returns root/ijb."""
-  from askd_jax.data import fixtures
+  from askd_jax.data import align
   top = os.path.join(root, "ijb")
-  rel = fixtures.write_ijb_release(os.path.join(root, "ijb_distinct"), "ijbc",
-                                   [(k + 1, k + 1, k) for k in range(FLAGS.distinct)])
-  photos = [os.path.join(rel["root"], "loose_crop", n) for n in rel["names"]]
+  # Flat 200x190 photos, the face's 5 points shifted by (k, k): their aligned PNG crops stay
+  # small (tfds's writer needs TensorFlow once a split passes 1 GB in memory, see
+  # docs/scaling.md), the alignment work is IJB's.
+  folder = os.path.join(root, "ijb_distinct")
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(1)
+  photos, marks, scores = [], [], []
+  assert FLAGS.distinct <= 16, "--distinct: at most 16 flat photos"
+  for k in range(FLAGS.distinct):
+    photos.append(os.path.join(folder, f"{k}.jpg"))
+    flat = np.full((190, 200, 3), (40 + 11 * k, 90 + 7 * k, 140 + 5 * k), np.uint8)
+    Image.fromarray(flat).save(photos[-1], quality=90)
+    marks.append(align.ARCFACE_TEMPLATE + 40 + k)
+    scores.append(round(float(rng.uniform(0.3, 1.0)), 6))
+  rel = {"landmarks": np.stack(marks), "scores": scores}
   n = FLAGS.images
   scale = n / IJBC["images"]
   n_tmpl = max(2, round(IJBC["templates"] * scale))
@@ -153,10 +167,12 @@ def _model(path: str) -> str:
     return path
   spec = {"task": "facerec", "arch": "iresnet_cbam", "depth": None, "width": FLAGS.width,
           "stage_sizes": [1, 1, 1, 1], "embedding_dim": FLAGS.embedding_dim, "num_classes": None,
-          "margin": "arcface", "s": 32.0, "m": 0.5, "input_size": 112, "channel_order": "rgb"}
+          "margin": "arcface", "s": 32.0, "m": 0.5, "input_size": FLAGS.image_size,
+          "channel_order": "rgb"}
   model = MarginModel(iresnet_cbam(None, FLAGS.width, (1, 1, 1, 1),
                                    embedding_dim=FLAGS.embedding_dim))
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 112, 112, 3)), None, train=False)
+  x = jnp.zeros((1, FLAGS.image_size, FLAGS.image_size, 3))
+  variables = model.init(jax.random.key(0), x, None, train=False)
   export_model(path, variables, spec)
   return path
 
@@ -192,10 +208,12 @@ def main(argv):
     prep = _prepare("ijbc", write_ijbc(out), data_dir)
     n_images = FLAGS.images
     extra = ["--config.data.ijb=ijbc,", "--config.data.tinyface=false"]
-  model = _model(os.path.join(out, f"model_w{FLAGS.width}_d{FLAGS.embedding_dim}"))
+  model = _model(os.path.join(
+      out, f"model_w{FLAGS.width}_d{FLAGS.embedding_dim}_{FLAGS.image_size}px"))
   cmd = [sys.executable, "-m", "askd_jax.main", "--config=configs/facerec.py:tinyface",
          f"--evaluate={model}", f"--eval_sizes={FLAGS.eval_sizes}",
          f"--config.data.data_dir={data_dir}", f"--config.eval.batch_size={FLAGS.batch}",
+         f"--config.data.image_size={FLAGS.image_size}",
          "--config.jax_cache_dir=", *extra]
   cache = os.path.join(model, "eval.json")  # the CLI caches its results there
   if os.path.exists(cache):
@@ -204,6 +222,7 @@ def main(argv):
   row = {"label": FLAGS.label, "layout": FLAGS.layout, "images": n_images,
          "images_per_s": n_images / r["wall_s"], **prep, **r, "code": FLAGS.code,
          "width": FLAGS.width, "embedding_dim": FLAGS.embedding_dim, "batch": FLAGS.batch,
+         "image_size": FLAGS.image_size,
          "eval_sizes": FLAGS.eval_sizes, "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
          "load_avg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
   with open(os.path.join(out, "bench_eval.jsonl"), "a") as f:
