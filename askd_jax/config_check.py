@@ -78,12 +78,13 @@ def normalize(cfg) -> None:
       if tuple(out) != tuple(vals):  # leave untouched fields (and FieldReferences) alone
         st[field] = tuple(out)
     data = cfg.get("data")
-    ver = data.get("verification") if data is not None else None
-    if ver is not None:
-      vals = (ver,) if isinstance(ver, str) else tuple(ver)
-      out = tuple(p.strip() for v in vals for p in str(v).split(",") if p.strip())
-      if out != vals:
-        data["verification"] = out
+    for field in ("verification", "ijb"):
+      ver = data.get(field) if data is not None else None
+      if ver is not None:
+        vals = (ver,) if isinstance(ver, str) else tuple(ver)
+        out = tuple(p.strip() for v in vals for p in str(v).split(",") if p.strip())
+        if out != vals:
+          data[field] = out
 
 
 class _Null:

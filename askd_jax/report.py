@@ -33,6 +33,9 @@ def markdown_table(rows, meta) -> str:
     out += [meta["description"], ""]
   for s in sets:
     cap = meta.get("caption") or "Verification accuracy (%) on `{set}`, 10-fold mean +- std"
+    if "_TAR@FAR=" in s:  # an IJB set (askd_jax.evaluate.ijb)
+      name, far = s.split("_TAR@FAR=")
+      cap = f"{name.upper()} 1:1 template verification, TAR (%) at FAR {far}"
     out += [cap.format(set=s) + "; columns: the resolution the model sees at test time.", ""]
     head = ["| method | " + " | ".join(f"{c} px" if c != "HR" else "HR" for c in res) + " |",
             "|---|" + "---|" * len(res)]

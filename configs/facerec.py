@@ -28,6 +28,11 @@ Commands
                 --config.data.data_dir=/data/tfds --config.dtype=bfloat16 --workdir=runs/casia
             Not run at this scale in this project: no measured time; the paper's numbers
             and the GPU step times are in docs/results.md and docs/benchmarks.md.
+            IJB-C too (1:1 TAR at FAR 1e-6..1e-1, at HR and each student size): prepare
+            insightface's IJB release once, then add --config.data.ijb=ijbc, to the command:
+            python -m askd_jax.data.prepare --dataset=ijbc --manual_dir=/data/ijb \
+                --data_dir=/data/tfds
+            (evaluation memory and speed at IJB-C's scale: docs/scaling.md).
   tinyface  python -m askd_jax.data.prepare --dataset=tinyface --manual_dir=/data/tinyface \
                 --data_dir=/data/tfds
             python -m askd_jax.main --config=configs/facerec.py:tinyface \
@@ -35,6 +40,8 @@ Commands
                 --config.student.teacher=runs/casia/teacher --workdir=runs/tinyface
             (CASIA prepared as above; without student.teacher it trains the teacher first.)
             Not run at this scale in this project: no measured time.
+            IJB-C beside TinyFace (the 24 px student's IJB row): prepare it as under casia and
+            add --config.data.ijb=ijbc, to the main command.
 """
 from __future__ import annotations
 
@@ -58,6 +65,7 @@ def _base(preset: str) -> ml_collections.ConfigDict:
   c.data.prefetch = 2              # batches put on the devices ahead of the step
   c.data.verification = ("lfw", "agedb_30", "cfp_fp")  # prepared .bin sets (real data)
   c.data.tinyface = False
+  c.data.ijb = ()                  # prepared IJB-B/C sets (ijbb, ijbc): 1:1 TAR@FAR, streamed
   c.data.num_pairs = 600           # demo only
 
   c.model = ml_collections.ConfigDict()
@@ -85,6 +93,9 @@ def _base(preset: str) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64
   c.eval.dtype = "float32"         # whatever config.dtype ("train": in config.dtype)
+  # IJB: insightface's ijb_11.py switches (askd_jax/evaluate/ijb.py), its defaults
+  c.eval.ijb = ml_collections.ConfigDict({"use_flip_test": True, "use_norm_score": True,
+                                          "use_detector_score": True})
   return c
 
 

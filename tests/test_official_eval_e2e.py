@@ -258,6 +258,7 @@ def test_tinyface_is_native_flip_averaged_with_distractors(official):
   24 px): rank-1 61.0 vs 68.5 %, embeddings up to 35 % apart."""
   import jax
   from askd_jax import experiment
+  from askd_jax.data import eval_stream
   from askd_jax.tasks.facerec import FaceRecTask
   from askd_jax.train.checkpoint import load_model
 
@@ -291,14 +292,56 @@ def test_tinyface_is_native_flip_averaged_with_distractors(official):
   task = FaceRecTask(cfg)
   variables, spec = load_model(official["models"]["bgr"])
   emb = task.tinyface_embeddings(task.model(spec=spec), variables, batch=128)
-  data = task.eval_data()["tinyface"]
   root = "aligned_pad_0.1_pad_high/"
   for sp, names in (("probe", [n for n in tf if n.startswith("Probe/")]),
                     ("gallery", [n for n in tf if not n.startswith("Probe/")])):
-    order = {src.decode().removeprefix(root): i for i, src in enumerate(data[sp]["source"])}
+    sources = eval_stream.columns(faces.data_source("tinyface", sp, official["data_dir"]),
+                                  ("source",))["source"]  # the order evaluate streams them in
+    order = {src.decode().removeprefix(root): i for i, src in enumerate(sources)}
     mine = emb[sp][[order[n] for n in names]]
     ref = feats(names)[0]
     assert mine.shape == ref.shape, (mine.shape, ref.shape)
     rel = np.linalg.norm(mine - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert rel.max() <= 1e-4, (sp, rel.max())
   jax.clear_caches()
+
+@pytest.mark.parametrize("size", [HR, 14])
+def test_ijbc_streamed_at_hr_and_a_student_size(official, tmp_path, size):
+  """IJB-C through --evaluate (insightface's release written by fixtures.write_ijb_release,
+  prepared with the real builder; its aligned crops streamed and, at 14 px, degraded as the
+  verification images are): the TAR at every FAR equals evaluate/ijb.py's protocol on the
+  official network's flip-concat features of the same crops (PyTorch, above), and on the
+  embeddings of the crops decoded into one array (bit for bit the streamed ones).
+
+  Checked by hand: with the IJB images left at HR in the 14 px evaluation, this fails."""
+  from askd_jax.data import fixtures, ijb
+  from askd_jax.evaluate import ijb as ijb_eval
+  from askd_jax.tasks.facerec import FaceRecTask
+  from askd_jax.train.checkpoint import load_model
+  import configs.facerec as facerec
+
+  # 10 subjects x 4 templates x 2 media of 1-2 images: 40 templates, 780 pairs (60 genuine)
+  layout = [(4 * subj + t + 1, 10 * (4 * subj + t) + m, subj) for subj in range(10)
+            for t in range(4) for m in range(2) for _ in range(1 + (subj + t + m) % 2)]
+  release = fixtures.write_ijb_release(str(tmp_path / "release"), "ijbc", layout)
+  data_dir = str(tmp_path / "tfds")
+  ijb.prepare("ijbc", os.path.dirname(release["root"]), data_dir)
+  got = _cli("casia", official["models"]["rgb"], data_dir, "" if size == HR else str(size),
+             "--config.data.verification=", "--config.data.ijb=ijbc,")
+  got = got["HR" if size == HR else str(size)]
+  src = ijb.data_source("ijbc", data_dir)
+  crops = np.stack([faces.decode_image(src[i]["image"], HR) for i in range(len(src))])
+  meta = ijb.image_meta("ijbc", data_dir)
+  pairs = ijb.template_pairs("ijbc", data_dir)
+
+  def protocol(emb):
+    return {f"ijbc_{k}": v for k, v in ijb_eval.evaluate(
+        emb, meta["template"], meta["media"], meta["score"], *pairs).items()}
+  assert {k: v["accuracy"] for k, v in got.items()} == protocol(
+      _official_flip_concat(official["net"], crops, size))
+  task = FaceRecTask(facerec.get_config("casia"))
+  variables, spec = load_model(official["models"]["rgb"])
+  emb = task.embeddings(task.model(spec=spec), variables, crops, () if size == HR else (size,),
+                        batch=128)
+  assert {k: v["accuracy"] for k, v in got.items()} == protocol(emb)
+  assert len(got) == 6 and 0.0 < got["ijbc_TAR@FAR=1e-01"]["accuracy"] <= 1.0

@@ -154,10 +154,8 @@ def enable_compilation_cache(cfg) -> None:
 def eval_images(run: Run, max_images: Optional[int] = None) -> Tuple[str, np.ndarray]:
   """(name, (N, S, S, 3) uint8): the first verification set's images (the demo's test set)."""
   vs = run.task.data["verification"][0]
-  images = np.asarray(vs["images"])
-  if max_images:
-    images = images[:max_images]
-  return vs["name"], images
+  images = vs["images"][:max_images] if max_images else vs["images"][:]  # decoded (streamed sets)
+  return vs["name"], np.asarray(images)
 
 
 def pick(images: np.ndarray, num: int) -> np.ndarray:

@@ -81,18 +81,25 @@ class FaceRecTask(Task):
 
     return embed
 
-  def embeddings(self, model, variables, images: np.ndarray, sizes=(), batch: int = 64,
-                 seed: int = 0) -> np.ndarray:
+  def embed_batches(self, model, variables, images, sizes=(), batch: int = 64, seed: int = 0):
+    """(start, float32 (n, 2D) embeddings) for each batch of uint8 (N, S, S, 3) `images` or
+    of a streamed set (`eval_stream.StreamedImages`, decoded a batch at a time), in order."""
+    from askd_jax.data import eval_stream
     embed = self.embed_fn(model, sizes, self.cfg.student)
-    out = []
     key = jax.random.key(seed)
-    for i in range(0, len(images), batch):
-      chunk = images[i:i + batch]
-      pad = batch - len(chunk)
-      if pad:  # one compiled shape
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-      out.append(np.asarray(embed(variables, chunk, jax.random.fold_in(key, i)))[:batch - pad])
-    return np.concatenate(out)
+    for i, chunk, n in eval_stream.batches(images, batch):  # chunk padded: one compiled shape
+      yield i, np.asarray(embed(variables, chunk, jax.random.fold_in(key, i)))[:n]
+
+  def embeddings(self, model, variables, images, sizes=(), batch: int = 64,
+                 seed: int = 0) -> np.ndarray:
+    """(N, 2D) float32 embeddings of `images` (see embed_batches): only the output grows
+    with N."""
+    out = None
+    for i, e in self.embed_batches(model, variables, images, sizes, batch, seed):
+      if out is None:
+        out = np.empty((len(images),) + e.shape[1:], e.dtype)
+      out[i:i + len(e)] = e
+    return out
 
   def eval_data(self) -> Dict[str, Any]:
     """The evaluation sets; without the training set when only evaluating (--evaluate)."""
@@ -112,16 +119,21 @@ class FaceRecTask(Task):
       return prepared_identity(orl.prepare(dcfg.get("data_dir") or None, dcfg.image_size).data_dir)
     from askd_jax.data import faces
     data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
-    sources = [(n, "test") for n in _verification_names(dcfg)]
+    from askd_jax.data import ijb
+    sources = [(n, "test") for n in _names(dcfg.get("verification", ()))]
     sources += [("tinyface", sp) for sp in ("probe", "gallery")] if dcfg.get("tinyface") else []
     dirs = [faces.data_source(n, sp, data_dir).dataset_info.data_dir for n, sp in sources]
+    ijb_names = _names(dcfg.get("ijb", ()))
+    dirs += [ijb.data_source(n, data_dir).dataset_info.data_dir for n in ijb_names]
+    sources += [(n, "images") for n in ijb_names]
     return prepared_identity(*dict.fromkeys(dirs), splits={sp for _, sp in sources})
 
   def evaluate(self, model, variables, sizes=()) -> Dict[str, Any]:
     """Per set {'accuracy', 'std'} (10-fold, official) and, for verification sets, the
     'threshold' of `verification.deploy_threshold` and 'tar_far1e-2'; TinyFace rank-k as
-    tinyface_rankK. One resolution: `sizes` is () (HR) or one LR size."""
-    from askd_jax.evaluate import identification, verification
+    tinyface_rankK; IJB-B/C TAR at each FAR as ijbc_TAR@FAR=1e-06 ... 1e-01. One resolution:
+    `sizes` is () (HR) or one LR size."""
+    from askd_jax.evaluate import identification, ijb, verification
     if len(sizes) > 1:
       raise ValueError(f"sizes={tuple(sizes)}: evaluate one size at a time "
                        "(experiment.one_size_each)")
@@ -145,6 +157,15 @@ class FaceRecTask(Task):
                                 tf["gallery"]["label"])
       for k, v in r.items():
         results[f"tinyface_{k}"] = {"accuracy": float(v), "std": None}
+    for s in data.get("ijb", ()):
+      # insightface's 1:1 template protocol (evaluate/ijb.py) on the aligned crops, degraded
+      # to `sizes` as the verification images are; the embeddings go into per-media sums
+      # batch by batch and are not kept.
+      acc = ijb.TemplateFeatures(s["template"], s["media"], **dict(self.cfg.eval.get("ijb", {})))
+      for i, e in self.embed_batches(model, variables, s["images"], sizes, batch=batch):
+        acc.add(np.arange(i, i + len(e)), e, s["score"][i:i + len(e)])
+      for k, v in ijb.evaluate_templates(acc, *s["pairs"]).items():
+        results[f"{s['name']}_{k}"] = {"accuracy": v, "std": None}
     return results
 
 
@@ -173,20 +194,6 @@ def load_face_data(dcfg) -> Dict[str, Any]:
   return _load_real_face_data(dcfg)
 
 
-def _decode_all(source, keys, size, jpeg_roundtrip=False):
-  from askd_jax.data.faces import decode_image
-  out = {k: [] for k in keys}
-  rest = {}
-  for i in range(len(source)):
-    r = source[i]
-    for k in keys:
-      out[k].append(decode_image(r[k], size, f"record {i} [{k}]", jpeg_roundtrip))
-    for k, v in r.items():
-      if k not in keys:
-        rest.setdefault(k, []).append(v)
-  return {**{k: np.stack(v) for k, v in out.items()}, **{k: np.asarray(v) for k, v in rest.items()}}
-
-
 def _load_real_face_data(dcfg) -> Dict[str, Any]:
   """Prepared tfds builders (askd_jax.data.faces) named by data.dataset / verification."""
   from askd_jax.data import faces
@@ -208,33 +215,46 @@ def _load_real_face_data(dcfg) -> Dict[str, Any]:
           **_load_eval_sets(dcfg)}
 
 
-def _verification_names(dcfg):
-  names = dcfg.get("verification", ())
-  names = (names,) if isinstance(names, str) else names  # --config.data.verification=lfw,agedb_30
-  return [n.strip() for v in names for n in str(v).split(",") if n.strip()]
-
-
 def _load_eval_sets(dcfg) -> Dict[str, Any]:
-  """{'verification': [pair sets], optional 'tinyface': {'probe', 'gallery'}} (prepared)."""
-  from askd_jax.data import faces
+  """{'verification': [pair sets], optional 'tinyface': {'probe', 'gallery'}, optional
+  'ijb': [IJB-B/C sets: template, media, detector score per image, template pairs]}
+  (prepared), their images streamed from the prepared files (`eval_stream.StreamedImages`), their pair
+  flags, folds and labels read up front."""
+  from askd_jax.data import eval_stream, faces
   data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
-  size = dcfg.image_size
+  # Decoded at the model's input size. TinyFace: AdaFace's aligned TinyFace is already
+  # 112x112, so at the paper's size this is no resize (and never a student degradation).
+  decode = faces.decode_transforms(dcfg.image_size, "error")
+  # The official export re-encodes the .bin images as JPEG (data.jpeg_roundtrip); TinyFace and
+  # IJB are read from their own files, never round-tripped.
+  ver_decode = faces.decode_transforms(dcfg.image_size, "error",
+                                       jpeg_roundtrip=dcfg.get("jpeg_roundtrip", False))
   ver = []
-  for name in _verification_names(dcfg):
-    d = _decode_all(faces.data_source(name, "test", data_dir), ("image1", "image2"), size,
-                    dcfg.get("jpeg_roundtrip", False))  # official: .bin -> imwrite -> imread
+  for name in _names(dcfg.get("verification", ())):
+    source = faces.data_source(name, "test", data_dir)
+    d = eval_stream.columns(source, ("is_same", "fold"))
     n = len(d["is_same"])
-    images = np.empty((2 * n,) + d["image1"].shape[1:], np.uint8)
-    images[0::2], images[1::2] = d["image1"], d["image2"]
+    images = eval_stream.StreamedImages(eval_stream.PairImages(source, name), ver_decode)
     ver.append({"name": name, "images": images, "idx1": np.arange(0, 2 * n, 2),
                 "idx2": np.arange(1, 2 * n, 2), "issame": d["is_same"].astype(bool),
                 "fold_ids": d["fold"]})
   out = {"verification": ver}
   if dcfg.get("tinyface"):
-    # Decoded at the model's input size: AdaFace's aligned TinyFace is already 112x112, so
-    # at the paper's size this is no resize (and never a student degradation). Never JPEG
-    # round-tripped: the official test reads TinyFace's own files (data.jpeg_roundtrip is
-    # for the .rec / .bin sets the official export re-encodes).
-    out["tinyface"] = {sp: _decode_all(faces.data_source("tinyface", sp, data_dir), ("image",),
-                                       size) for sp in ("probe", "gallery")}
+    out["tinyface"] = {}
+    for sp in ("probe", "gallery"):
+      source = faces.data_source("tinyface", sp, data_dir)
+      out["tinyface"][sp] = {"image": eval_stream.StreamedImages(source, decode),
+                             **eval_stream.columns(source, ("label",))}
+  for name in _names(dcfg.get("ijb", ())):
+    from askd_jax.data import ijb
+    out.setdefault("ijb", []).append({
+        "name": name, "images": eval_stream.StreamedImages(ijb.data_source(name, data_dir),
+                                                           decode),
+        **ijb.image_meta(name, data_dir), "pairs": ijb.template_pairs(name, data_dir)})
   return out
+
+
+def _names(value) -> list:
+  """Set names of a config field: ('lfw', 'agedb_30') or 'lfw,agedb_30' (the command line)."""
+  value = (value,) if isinstance(value, str) else value
+  return [n.strip() for v in value for n in str(v).split(",") if n.strip()]
