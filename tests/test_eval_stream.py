@@ -60,7 +60,8 @@ def test_streamed_embeddings_equal_the_in_memory_ones_bit_for_bit(tmp_path, size
   task, model, variables = _task(data_dir, workers)
   vs = task.eval_data()["verification"][0]
   assert len(vs["images"]) == 22 and not isinstance(vs["images"], np.ndarray)
-  decoded = np.stack([faces.decode_image(b, SIZE) for b in encoded])
+  assert task.cfg.data.jpeg_roundtrip  # the casia preset's official .bin JPEG round trip
+  decoded = np.stack([faces.decode_image(b, SIZE, "lfw", jpeg_roundtrip=True) for b in encoded])
   got = task.embeddings(model, variables, vs["images"], sizes, batch=4)
   want = task.embeddings(model, variables, decoded, sizes, batch=4)
   assert got.shape == (22, 16) and got.dtype == np.float32
