@@ -102,6 +102,12 @@ def _drop_closed_loop_errors() -> None:
       return False
     return True
   logging.getLogger("asyncio").addFilter(failed_reads)
+  # The coroutines of such a read that never started are finalised the same way, and Python
+  # warns "RuntimeWarning: coroutine 'Store._get_array_metadatas' was never awaited" (with
+  # the source line the collector happened to run at, e.g. an import) after the quiet block.
+  import warnings
+  warnings.filterwarnings("ignore", message=r"coroutine '\S+' was never awaited",
+                          category=RuntimeWarning)
 
 
 @contextlib.contextmanager
