@@ -138,6 +138,33 @@ def test_verification_bin_round_trip_folds_in_file_order(tmp_path):
   np.testing.assert_array_equal(faces.verification_folds(7000), np.arange(7000) // 700)
 
 
+def test_a_split_beyond_the_in_memory_buffer_is_prepared_without_tensorflow(tmp_path,
+                                                                          monkeypatch):
+  """tfds keeps a split's records in memory up to 1 GB, then spills them to temporary files
+  through tf.io.gfile; askd_jax installs no TensorFlow, so preparing a larger split (the real
+  IJB-C, CASIA-WebFace) stopped with "No module named 'tensorflow'". With the buffer shrunk
+  to 1 kB, a 23-pair .bin spills and is prepared through `prepared._LocalFiles` with the
+  same records as in memory. Checked by hand: without `_spill_to_local_files` in
+  `prepared.write_array_record` this test fails with that ModuleNotFoundError."""
+  pytest.importorskip("tensorflow_datasets")
+  from tensorflow_datasets.core import shuffle
+  pix = _pixels(46, 1, size=16)
+  issame = [bool(i % 3 == 0) for i in range(23)]
+  manual = tmp_path / "m"
+  manual.mkdir()
+  _write_bin(manual / "agedb_30.bin", pix, issame)
+  faces.prepare("agedb_30", str(manual), str(tmp_path / "in_memory"))
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1000)
+  faces.prepare("agedb_30", str(manual), str(tmp_path / "spilled"))
+  a, b = (faces.data_source("agedb_30", "test", str(tmp_path / d)) for d in ("in_memory",
+                                                                          "spilled"))
+  assert len(a) == len(b) == 23
+  for i in range(23):
+    ra, rb = a[i], b[i]
+    assert ra.keys() == rb.keys() and all(np.array_equal(ra[k], rb[k]) for k in ra), i
+  assert not list((tmp_path / "spilled").rglob("bucket_*.tmp"))  # temporary files removed
+
+
 def test_verification_bin_numpy_bools_and_jpeg(tmp_path):
   pix = _pixels(4, 2, size=16)
   path = tmp_path / "lfw.bin"
@@ -321,6 +348,9 @@ def test_jpeg_roundtrip_option_in_the_paper_presets(rec_set, tmp_path):
   assert cfg.data.jpeg_roundtrip is True and len(d["verification"]) == 1
   tf = d["tinyface"]
   want = {n: files[n] for n in files}
-  for sp in ("probe", "gallery"):
-    for img, src in zip(tf[sp]["image"], tf[sp]["source"]):
-      np.testing.assert_array_equal(img, want[src.decode()])  # TinyFace: its own pixels
+  from askd_jax.data import eval_stream
+  for sp in ("probe", "gallery"):  # streamed in the prepared order: its file names say which
+    src = eval_stream.columns(faces.data_source("tinyface", sp, str(data)), ("source",))["source"]
+    assert len(src) == len(tf[sp]["image"])
+    for img, name in zip(tf[sp]["image"][list(range(len(src)))], src):
+      np.testing.assert_array_equal(img, want[name.decode()])  # TinyFace: its own pixels

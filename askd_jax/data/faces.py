@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
-from askd_jax.data import recordio
+from askd_jax.data import prepared, recordio
 
 ON_CORRUPT = ("skip", "error", "keep")
 DISTRACTOR_LABEL = -100
@@ -598,9 +598,7 @@ def prepare(dataset: str, manual_dir: str, data_dir: str, **kwargs) -> tfds.core
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"manual_dir={manual_dir}: no such folder")
   b = builder(dataset, data_dir, **kwargs)
-  b.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  prepared.write_array_record(b, manual_dir)
   return b
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from askd_jax.data import align, faces
+from askd_jax.data import align, faces, prepared
 
 NAMES = ("ijbb", "ijbc")
 PAIRS_FILE = "template_pairs.npy"
@@ -224,8 +224,7 @@ def prepare(name: str, manual_dir: str, data_dir: str, **kwargs) -> IJB:
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError(f"manual_dir={manual_dir}: no such folder")
   b = builder(name, data_dir, **kwargs)
-  b.download_and_prepare(file_format="array_record",
-                         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  prepared.write_array_record(b, manual_dir)
   return b
 
 

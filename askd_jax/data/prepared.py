@@ -12,6 +12,7 @@ features in a fixed order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 from typing import Callable, Optional, Sequence, TypeVar
@@ -46,6 +47,56 @@ def file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class _LocalFiles:
+  """The part of TensorFlow that tfds's shuffler (tensorflow_datasets/core/shuffle.py,
+  `_Bucket`) uses to spill a split larger than its 1 GB in-memory buffer to temporary files:
+  `tf.io.gfile.GFile / exists / remove` and `tf.errors.ResourceExhaustedError`, on local files.
+  askd_jax does not install TensorFlow (1.3 GB), and without it preparing such a split (the
+  real IJB-C's aligned crops, CASIA-WebFace) stopped with "No module named 'tensorflow'"."""
+
+  class errors:  # pylint: disable=invalid-name
+    class ResourceExhaustedError(OSError):
+      message = ""
+
+  class io:  # pylint: disable=invalid-name
+    class gfile:  # pylint: disable=invalid-name
+      exists = staticmethod(os.path.exists)
+      remove = staticmethod(os.remove)
+
+      @staticmethod
+      def GFile(path, mode):  # pylint: disable=invalid-name
+        try:
+          return open(path, mode)
+        except OSError as e:  # up to 1,000 buckets open at once: raise the limit as tfds does
+          if e.errno != errno.EMFILE:
+            raise
+          from tensorflow_datasets.core import shuffle
+          shuffle._increase_open_files_limit()  # pylint: disable=protected-access
+          return open(path, mode)
+
+
+def _spill_to_local_files() -> None:
+  """Where TensorFlow is not installed, tfds's shuffler spills through `_LocalFiles`."""
+  from tensorflow_datasets.core import shuffle
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    return  # tfds's own path
+  except ImportError:
+    shuffle.tf = _LocalFiles
+
+
+def write_array_record(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str] = None,
+                       ) -> None:
+  """`builder.download_and_prepare` as array_record from `manual_dir`'s files (nothing is
+  downloaded), splits of any size without TensorFlow (`_spill_to_local_files`)."""
+  _spill_to_local_files()
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(
+          manual_dir=None if manual_dir is None else os.fspath(manual_dir),
+          try_download_gcs=False))
+
+
 def prepare_once(make: Callable[[], B], data_dir: str, lock_name: str,
                  manual_dir: Optional[str] = None) -> B:
   """`make()` prepared as array_record (from `manual_dir`'s files if given; nothing is
@@ -59,10 +110,7 @@ def prepare_once(make: Callable[[], B], data_dir: str, lock_name: str,
   with file_lock(os.path.join(data_dir, lock_name)):
     builder = make()  # another process may have written it while this one waited
     if not builder.is_prepared():
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir,
-                                                       try_download_gcs=False))
+      write_array_record(builder, manual_dir)
       builder = make()
   stop.at("prepared", lock_name)
   return builder

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from askd_jax.data import prepared
 from askd_jax.evaluate.widerface import DIFFICULTIES, ImageGT, image_key
 
 ATTRIBUTES = ("blur", "expression", "illumination", "invalid", "occlusion", "pose")
@@ -312,7 +313,5 @@ def prepare(manual_dir: Any, data_dir: Any) -> WiderFace:
   """Builds the array_record files (once) and returns the builder; read with
   builder.as_data_source('train' | 'validation')."""
   builder = WiderFace(data_dir=os.fspath(data_dir))
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+  prepared.write_array_record(builder, manual_dir)
   return builder
