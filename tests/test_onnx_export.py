@@ -177,9 +177,10 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
                                         f"--out={out}"], capsys)
     assert rc == 1 and "pip install -r requirements-deploy.txt" in _one_line(err)
     assert "jax2onnx" in err
-  with pytest.raises(SystemExit) as e:  # an onnx option without --format=onnx: usage, exit 2
-    export_cli.main([f"--model={teacher}", "--embedding=plain", f"--out={out}"])
-  assert e.value.code == 2 and "options of --format=onnx" in capsys.readouterr().err
+  for flag in ("--embedding=plain", "--opset=18"):  # an onnx option without --format=onnx
+    with pytest.raises(SystemExit) as e:  # usage, exit 2 (--opset=18 passed before: it was
+      export_cli.main([f"--model={teacher}", flag, f"--out={out}"])  # the default's value)
+    assert e.value.code == 2 and "options of --format=onnx" in capsys.readouterr().err, flag
   out.write_bytes(b"not a model")
   rc, _, err = _run(export_cli.main, [f"--model={teacher}", "--format=onnx", f"--out={out}"],
                     capsys)

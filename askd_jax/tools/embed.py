@@ -4,7 +4,8 @@
         [--size=14] [--batch_size=64] [--overwrite]
     python -m askd_jax.tools.embed --model=DIR --images=PHOTOS --landmarks=FILE --out=...
 
---model: a stage directory of a run, a directory written by tools.convert, or a .jaxexport.
+--model: a stage directory of a run, a directory written by tools.convert, or a .jaxexport or
+.onnx file written by tools.export.
 --images: a folder (searched recursively) or a text file with one image path per line.
 --landmarks: raw photos instead of aligned crops: a file of `NAME x1 y1 ... x5 y5 [SCORE]`
 lines (NAME relative to the --images folder; askd_jax/data/align.py), each photo aligned to
@@ -30,7 +31,7 @@ PROG = "python -m askd_jax.tools.embed"
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", required=True, help="stage directory, converted checkpoint "
-                 "directory or .jaxexport file")
+                 "directory, .jaxexport or .onnx file")
   p.add_argument("--size", type=int, default=0, help="degrade the images as for a student "
                  "evaluated at this LR size (0: use them as they are)")
   p.add_argument("--batch_size", type=int, default=64)

@@ -46,13 +46,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  "file (default); onnx: an ONNX model (needs requirements-deploy.txt)")
   p.add_argument("--embedding", choices=("flip_concat", "plain"), default="flip_concat",
                  help="onnx: concat(emb(x), emb(flip x)) as the evaluation (default) or emb(x)")
-  p.add_argument("--opset", type=int, default=18, help="onnx: the ONNX opset, 18..23")
+  p.add_argument("--opset", type=int, default=None, help="onnx: the ONNX opset, 18..23 "
+                 "(default 18)")
   p.add_argument("--fold_bn", action="store_true", help="onnx: fold BatchNorm and constants "
                  "into the convolutions (onnxruntime's basic graph optimisations)")
   args = p.parse_args(argv)
-  if args.format == "jax" and (args.embedding != "flip_concat" or args.opset != 18
+  if args.format == "jax" and (args.embedding != "flip_concat" or args.opset is not None
                                or args.fold_bn):
     p.error("--embedding, --opset and --fold_bn are options of --format=onnx")
+  if args.opset is None:
+    args.opset = 18
   from askd_jax import api
   return api.run_cli(PROG, lambda: _export(args))
 
