@@ -357,7 +357,7 @@ def run_train(a) -> None:
     # The continuation extends the finished 3-step stage to 5 steps on purpose: a config
     # change that loop.check_stage_config refuses for users (train.steps is in the stage's
     # config hash). What this run tests is the restore across process/device layouts.
-    loop.check_stage_config = lambda stage_dir, want: None
+    loop.check_stage_config = lambda stage_dir, want, config=None: None
   try:
     loop.train_stage(cfg, task, stage, a.workdir, progress=False, writer_factory=writer)
   except loop.Preempted as e:
