@@ -117,9 +117,8 @@ class FaceRecTask(Task):
     if dcfg.name == "orl":
       from askd_jax.data import orl
       return prepared_identity(orl.prepare(dcfg.get("data_dir") or None, dcfg.image_size).data_dir)
-    from askd_jax.data import faces
+    from askd_jax.data import faces, ijb
     data_dir = dcfg.get("data_dir") or os.path.expanduser("~/tensorflow_datasets")
-    from askd_jax.data import ijb
     sources = [(n, "test") for n in _names(dcfg.get("verification", ()))]
     sources += [("tinyface", sp) for sp in ("probe", "gallery")] if dcfg.get("tinyface") else []
     dirs = [faces.data_source(n, sp, data_dir).dataset_info.data_dir for n, sp in sources]
@@ -167,7 +166,6 @@ class FaceRecTask(Task):
       for k, v in ijb.evaluate_templates(acc, *s["pairs"]).items():
         results[f"{s['name']}_{k}"] = {"accuracy": v, "std": None}
     return results
-
 
   def tinyface_embeddings(self, model, variables, batch: int = 64) -> Dict[str, np.ndarray]:
     """{'probe', 'gallery'}: (N, D) embeddings `evaluate` ranks (rank_k L2-normalises them).
